@@ -1,0 +1,106 @@
+"""The one place where a labelled source and an unlabelled target are paired (task-agnostic)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import CombinedLoader
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+
+class WithoutLabels(Dataset):
+    """Hides every label key of a target training set, so UDA methods cannot read target labels."""
+
+    def __init__(self, dataset: Dataset, label_keys: tuple[str, ...] = ("label", "boxes", "labels")) -> None:
+        self.dataset, self.label_keys = dataset, label_keys
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {k: v for k, v in self.dataset[i].items() if k not in self.label_keys}
+
+
+def _build(cfg: Any, key: str) -> Dataset:
+    if isinstance(cfg, Dataset):
+        return cfg
+    if cfg is None:
+        raise ValueError(f"data.{key} is not set: expected a dataset config with a _target_")
+    cfg = OmegaConf.create(cfg) if not isinstance(cfg, DictConfig) else cfg
+    if "_target_" not in cfg:
+        raise ValueError(f"data.{key} has no _target_: expected a dataset class path, got keys {list(cfg)}")
+    dataset = instantiate(cfg)
+    if len(dataset) == 0:
+        raise ValueError(f"data.{key} ({cfg._target_}) is empty: check its root and split")
+    return dataset
+
+
+class UDADataModule(L.LightningDataModule):
+    """Train batches ``{"source": {...}, "target": {...}}`` (max-size-cycle over both loaders);
+    validation/test on the labelled target evaluation split.
+
+    ``target_labels=True`` keeps target labels in training batches: only for the oracle.
+    """
+
+    def __init__(
+        self,
+        source: Mapping[str, Any] | Dataset,
+        target: Mapping[str, Any] | Dataset,
+        val: Mapping[str, Any] | Dataset,
+        test: Mapping[str, Any] | Dataset | None = None,
+        batch_size: int = 2,
+        target_batch_size: int | None = None,
+        val_batch_size: int = 4,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        target_labels: bool = False,
+        **info: Any,
+    ) -> None:
+        super().__init__()
+        self.cfgs = {"source": source, "target": target, "val": val, "test": test if test is not None else val}
+        self.batch_size, self.target_batch_size = batch_size, target_batch_size or batch_size
+        self.val_batch_size, self.num_workers = val_batch_size, num_workers
+        self.pin_memory, self.persistent_workers = pin_memory, persistent_workers and num_workers > 0
+        self.target_labels = target_labels
+        self.info = info  # class names, palette, ... (not used here, kept for users of the module)
+        self.datasets: dict[str, Dataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ["source", "target", "val"], "validate": ["val"], "test": ["test"]}.get(
+            stage or "fit", ["source", "target", "val", "test"]
+        )
+        for key in wanted:
+            if key not in self.datasets:
+                ds = _build(self.cfgs[key], key)
+                if key == "target" and not self.target_labels:
+                    ds = WithoutLabels(ds)
+                self.datasets[key] = ds
+
+    def _loader(self, key: str, batch_size: int, train: bool) -> DataLoader:
+        return DataLoader(
+            self.datasets[key],
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
+
+    def train_dataloader(self) -> CombinedLoader:
+        loaders = {
+            "source": self._loader("source", self.batch_size, train=True),
+            "target": self._loader("target", self.target_batch_size, train=True),
+        }
+        return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.val_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.val_batch_size, train=False)

@@ -1,0 +1,93 @@
+"""`python -m mic_uda.train [group=option ...]`: compose, instantiate, fit, evaluate, report.
+
+Thin on purpose (lightning-hydra-template `train.py`): every object comes from the config.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from mic_uda.tasks.method import parse_method
+from mic_uda.utils.hydra_utils import (
+    CONFIG_DIR,
+    as_float_dict,
+    instantiate_dict,
+    register_resolvers,
+    task_wrapper,
+    write_json,
+)
+
+log = logging.getLogger("mic_uda")
+register_resolvers()
+
+
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    """The data axis, told only whether the method may see target labels (the oracle)."""
+    method = parse_method(cfg.method)
+    return instantiate(cfg.data.datamodule, target_labels=method.needs_target_labels, _recursive_=False)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
+    """``last`` -> ``<run dir>/checkpoints/last.ckpt`` if it exists; explicit paths must exist."""
+    if ckpt_path in (None, ""):
+        return None
+    if ckpt_path == "last":
+        last = Path(output_dir) / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist")
+    return ckpt_path
+
+
+@task_wrapper
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train on source (+ unlabelled target), then evaluate on the target split; returns metrics."""
+    L.seed_everything(cfg.seed, workers=True)
+    with open_dict(cfg):
+        cfg.tags = sorted({*cfg.get("tags", []), cfg.task.name, cfg.data.name, cfg.method.name})
+    log.info("run folder: %s", cfg.paths.output_dir)
+
+    datamodule = build_datamodule(cfg)
+    model: L.LightningModule = instantiate(cfg.task.module, _recursive_=False)
+    callbacks = instantiate_dict(cfg.get("callbacks"), "callbacks")
+    loggers = instantiate_dict(cfg.get("logger"), "logger")
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    metrics: dict[str, float] = {}
+    if cfg.get("train"):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir))
+        metrics.update(as_float_dict(trainer.callback_metrics))
+    if cfg.get("test") and not trainer.fast_dev_run:
+        trainer.test(model, datamodule=datamodule, verbose=False)  # the final weights, not a "best" pick
+        metrics.update(as_float_dict(trainer.callback_metrics))
+        if hasattr(model, "iou_table") and model.last_iou:
+            print(f"\nTarget evaluation ({cfg.data.name}, {cfg.method.name}, seed {cfg.seed}):")
+            print(model.iou_table())
+    if trainer.is_global_zero:
+        write_json(Path(cfg.paths.output_dir) / "metrics.json", {
+            "metrics": metrics, "data": cfg.data.name, "method": cfg.method.name, "seed": cfg.seed,
+            "backbone": cfg.backbone.get("encoder_name", "?"), "max_steps": cfg.trainer.max_steps,
+        })
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Console entry (`mic-uda-train`); returns the target mIoU for Hydra sweepers."""
+    torch.set_float32_matmul_precision("high")
+    metrics = train(cfg)
+    return metrics.get("test/mIoU", metrics.get("val/mIoU"))
+
+
+if __name__ == "__main__":
+    main()

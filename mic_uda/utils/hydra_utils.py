@@ -1,0 +1,77 @@
+"""Hydra/Lightning glue shared by the entry points: resolvers, instantiation, the task wrapper."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("mic_uda")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = PROJECT_ROOT / "conf"
+
+
+def register_resolvers() -> None:
+    """``${mic_uda_root:}`` = the project checkout, so default paths work from any working dir."""
+    if not OmegaConf.has_resolver("mic_uda_root"):
+        OmegaConf.register_new_resolver("mic_uda_root", lambda: str(PROJECT_ROOT))
+
+
+def instantiate_dict(cfg: DictConfig | None, what: str) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a group such as callbacks or logger."""
+    objs: list[Any] = []
+    if not cfg:
+        return objs
+    if not isinstance(cfg, DictConfig):
+        raise TypeError(f"{what} config must be a mapping of name -> {{_target_: ...}}, got {type(cfg)}")
+    for name, sub in cfg.items():
+        if isinstance(sub, DictConfig) and "_target_" in sub:
+            objs.append(instantiate(sub))
+        elif sub is not None:
+            raise ValueError(f"{what}.{name} has no _target_ (keys: {list(sub) if sub else sub})")
+    return objs
+
+
+def close_loggers() -> None:
+    """W&B keeps a background process: finish it on success and on failure alike."""
+    try:
+        import wandb
+    except ImportError:  # pragma: no cover - wandb is a dependency, but be lenient
+        return
+    if wandb.run is not None:
+        wandb.finish()
+
+
+def task_wrapper(fn: Callable[[DictConfig], dict[str, Any]]) -> Callable[[DictConfig], dict[str, Any]]:
+    """Log the exception with the run folder, always close loggers (lightning-hydra-template)."""
+
+    @functools.wraps(fn)
+    def wrapped(cfg: DictConfig) -> dict[str, Any]:
+        try:
+            return fn(cfg)
+        except Exception:
+            log.exception("run failed; output folder: %s", cfg.paths.get("output_dir", "?"))
+            raise
+        finally:
+            close_loggers()
+
+    return wrapped
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Atomic write (temp + rename) of a small JSON summary of the run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def as_float_dict(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}

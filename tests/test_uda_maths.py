@@ -1,0 +1,231 @@
+"""Exact tests of the task-agnostic UDA maths: masks, ClassMix, EMA, pseudo-label weights, BN policy."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mic_uda.uda.augment import StrongAugment, blur_kernel_size
+from mic_uda.uda.bn import frozen_bn_statistics, set_teacher_mode
+from mic_uda.uda.ema import copy_weights, ema_alpha, ema_update
+from mic_uda.uda.losses import weighted_cross_entropy
+from mic_uda.uda.masking import apply_mask, block_mask
+from mic_uda.uda.mixing import classmix_masks, mix
+from mic_uda.uda.pseudo_label import confidence_weight, pseudo_label_from_logits
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------ MIC block mask
+def test_block_mask_is_constant_on_blocks_and_binary() -> None:
+    keep = block_mask(3, 64, 96, block_size=16, ratio=0.7, generator=gen())
+    assert keep.shape == (3, 1, 64, 96)
+    assert set(keep.unique().tolist()) <= {0.0, 1.0}
+    blocks = keep.view(3, 1, 4, 16, 6, 16)
+    # every 16x16 block is one value: max == min inside each block
+    assert torch.equal(blocks.amax(dim=(3, 5)), blocks.amin(dim=(3, 5)))
+
+
+def test_block_mask_equals_nearest_upsampled_uniform_draw() -> None:
+    g1, g2 = gen(3), gen(3)
+    keep = block_mask(2, 32, 32, block_size=8, ratio=0.5, generator=g1)
+    u = torch.rand((2, 1, 4, 4), generator=g2)
+    expected = (u > 0.5).float().repeat_interleave(8, 2).repeat_interleave(8, 3)
+    assert torch.equal(keep, expected)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.7])
+def test_block_mask_kept_fraction_is_one_minus_ratio(ratio: float) -> None:
+    keep = block_mask(256, 64, 64, block_size=8, ratio=ratio, generator=gen(1))
+    # 256 * 64 blocks: the standard error of the kept fraction is < 0.004
+    assert keep.mean().item() == pytest.approx(1 - ratio, abs=0.015)
+
+
+def test_block_mask_rejects_bad_ratio_and_block() -> None:
+    with pytest.raises(ValueError, match="ratio"):
+        block_mask(1, 8, 8, 4, 1.0, gen())
+    with pytest.raises(ValueError, match="block_size"):
+        block_mask(1, 8, 8, 0, 0.5, gen())
+
+
+def test_apply_mask_fills_with_mean_colour() -> None:
+    x = torch.rand(1, 3, 4, 4)
+    keep = torch.zeros(1, 1, 4, 4)
+    keep[..., :2] = 1
+    fill = torch.tensor([0.1, 0.2, 0.3])
+    out = apply_mask(x, keep, fill)
+    assert torch.equal(out[..., :2], x[..., :2])
+    assert torch.allclose(out[0, :, :, 2:], fill.view(3, 1, 1).expand(3, 4, 2))
+
+
+# ------------------------------------------------------------------ ClassMix
+def test_classmix_pastes_half_of_present_classes() -> None:
+    labels = torch.zeros(4, 8, 8, dtype=torch.long)
+    labels[:, :, 2:4] = 1
+    labels[:, :, 4:6] = 2
+    labels[:, :, 6:7] = 5
+    labels[:, :, 7:] = 255  # ignore is never a class to paste
+    masks = classmix_masks(labels, gen(0))
+    assert masks.shape == (4, 1, 8, 8)
+    for lbl, m in zip(labels, masks[:, 0].bool()):
+        pasted = set(lbl[m].unique().tolist())
+        kept = set(lbl[~m].unique().tolist()) - {255}
+        assert len(pasted) == 2  # ceil(4 / 2)
+        assert pasted.isdisjoint(kept) and pasted | kept == {0, 1, 2, 5}
+        assert torch.equal(m, torch.isin(lbl, torch.tensor(sorted(pasted)))), "whole classes are pasted"
+
+
+def test_classmix_odd_number_of_classes_rounds_up() -> None:
+    labels = torch.tensor([[[0, 1, 2]]])
+    masks = classmix_masks(labels, gen(5))
+    assert int(masks.sum()) == 2
+
+
+def test_mix_takes_source_labels_and_weight_one_where_pasted() -> None:
+    mask = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    xs, xt = torch.ones(1, 3, 2, 2), torch.zeros(1, 3, 2, 2)
+    ys, pl = torch.full((1, 2, 2), 7), torch.full((1, 2, 2), 3)
+    w = torch.full((1, 2, 2), 0.25)
+    assert torch.equal(mix(mask, xs, xt)[0, 0], torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert torch.equal(mix(mask, ys, pl)[0], torch.tensor([[7, 3], [3, 7]]))
+    assert torch.equal(mix(mask, torch.ones_like(w), w)[0], torch.tensor([[1.0, 0.25], [0.25, 1.0]]))
+
+
+# ------------------------------------------------------------------ EMA
+def test_ema_alpha_schedule() -> None:
+    assert ema_alpha(0, 0.999) == 0.0
+    assert ema_alpha(1, 0.999) == 0.5
+    assert ema_alpha(9, 0.999) == pytest.approx(0.9)
+    assert ema_alpha(100_000, 0.999) == 0.999
+    assert ema_alpha(5, 0.5) == 0.5
+
+
+def test_ema_update_formula_exact() -> None:
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(3, 2), nn.Linear(3, 2)
+    t0 = [p.clone() for p in teacher.parameters()]
+    a = ema_update(teacher, student, step=0, alpha=0.999)
+    assert a == 0.0
+    for tp, sp in zip(teacher.parameters(), student.parameters()):
+        assert torch.equal(tp, sp)  # t = 0 copies the student
+    teacher.load_state_dict({k: v for k, v in zip(teacher.state_dict(), t0)})
+    a = ema_update(teacher, student, step=3, alpha=0.999)
+    assert a == 0.75
+    for tp, t_old, sp in zip(teacher.parameters(), t0, student.parameters()):
+        assert torch.allclose(tp, 0.75 * t_old + 0.25 * sp, atol=1e-7)
+    a = ema_update(teacher, student, step=10**6, alpha=0.999)
+    assert a == 0.999
+
+
+def test_ema_buffers_only_when_asked() -> None:
+    student, teacher = nn.BatchNorm1d(2), nn.BatchNorm1d(2)
+    student.running_mean.fill_(4.0)
+    student.num_batches_tracked.fill_(7)
+    ema_update(teacher, student, step=1, alpha=0.999)
+    assert torch.equal(teacher.running_mean, torch.zeros(2))
+    ema_update(teacher, student, step=1, alpha=0.999, average_buffers=True)
+    assert torch.equal(teacher.running_mean, torch.full((2,), 2.0))
+    assert int(teacher.num_batches_tracked) == 7
+
+
+def test_copy_weights_copies_everything() -> None:
+    student, teacher = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), nn.Sequential(
+        nn.Linear(2, 2), nn.BatchNorm1d(2)
+    )
+    student[1].running_var.fill_(3.0)
+    copy_weights(teacher, student)
+    for (k, a), b in zip(teacher.state_dict().items(), student.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+# ------------------------------------------------------------------ pseudo-labels
+def test_pseudo_label_argmax_and_confidence() -> None:
+    logits = torch.tensor([[[[2.0]], [[0.0]]]])  # (1, 2, 1, 1)
+    pl, conf = pseudo_label_from_logits(logits)
+    assert pl.item() == 0
+    assert conf.item() == pytest.approx(math.exp(2) / (math.exp(2) + 1))
+
+
+def test_confidence_weight_is_confident_fraction_per_image() -> None:
+    conf = torch.tensor([[[0.99, 0.5], [0.97, 0.1]], [[0.99, 0.99], [0.99, 0.99]]])
+    w = confidence_weight(conf, 0.968, scope="image")
+    assert torch.equal(w[0], torch.full((2, 2), 0.5))
+    assert torch.equal(w[1], torch.ones(2, 2))
+    wb = confidence_weight(conf, 0.968, scope="batch")
+    assert torch.equal(wb, torch.full((2, 2, 2), 0.75))
+
+
+def test_confidence_weight_margins_zero_rows_after_fraction() -> None:
+    conf = torch.full((1, 6, 3), 0.99)
+    conf[0, 2] = 0.0  # one of 6 rows unconfident -> 5/6
+    w = confidence_weight(conf, 0.968, ignore_top=1, ignore_bottom=2)
+    assert torch.equal(w[0, 0], torch.zeros(3)) and torch.equal(w[0, 4:], torch.zeros(2, 3))
+    assert torch.allclose(w[0, 1:4], torch.full((3, 3), 5 / 6))
+    with pytest.raises(ValueError, match="weight_scope"):
+        confidence_weight(conf, 0.9, scope="pixel")  # type: ignore[arg-type]
+
+
+def test_weighted_cross_entropy_means_over_all_pixels() -> None:
+    logits = torch.zeros(1, 2, 1, 2)
+    target = torch.tensor([[[0, 255]]])
+    w = torch.tensor([[[0.5, 1.0]]])
+    # CE of uniform 2-class = log 2; ignored pixel contributes 0 but counts in the mean
+    assert weighted_cross_entropy(logits, target, w).item() == pytest.approx(0.5 * math.log(2) / 2)
+
+
+# ------------------------------------------------------------------ augmentation
+def test_strong_augment_deterministic_given_generator_and_in_range() -> None:
+    x = torch.rand(2, 3, 32, 32)
+    aug = StrongAugment(color_jitter_p=1.0, blur_p=1.0)
+    a, b = aug(x, gen(7)), aug(x, gen(7))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, aug(x, gen(8)))
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+
+
+def test_strong_augment_identity_when_disabled() -> None:
+    x = torch.rand(1, 3, 16, 16)
+    assert torch.equal(StrongAugment(color_jitter_p=0.0, blur_p=0.0)(x, gen()), x)
+
+
+def test_blur_kernel_size_matches_official_formula() -> None:
+    assert [blur_kernel_size(s) for s in (64, 128, 192, 512, 1024)] == [7, 13, 19, 51, 103]
+
+
+# ------------------------------------------------------------------ BatchNorm policies
+def _bn_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Dropout(0.5))
+
+
+def test_frozen_bn_statistics_keeps_running_stats_but_uses_batch_stats() -> None:
+    net = _bn_net().train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(4, 3, 5, 5) * 3 + 1
+    with frozen_bn_statistics(net):
+        out = net[1](net[0](x))
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed inside frozen_bn_statistics"
+    assert out.mean(dim=(0, 2, 3)).abs().max() < 1e-5  # batch statistics were used
+    net(x)  # outside: a normal train pass updates them
+    assert not torch.equal(net[1].running_mean, before["1.running_mean"])
+    assert net[1].track_running_stats
+
+
+def test_teacher_mode_batch_vs_running() -> None:
+    net = _bn_net()
+    set_teacher_mode(net, "batch")
+    assert not net[2].training and net[1].training and not net[1].track_running_stats
+    before = net[1].running_mean.clone()
+    net(torch.randn(2, 3, 4, 4) + 5)
+    assert torch.equal(net[1].running_mean, before)
+    set_teacher_mode(_bn_net(), "running")
+    net2 = _bn_net()
+    set_teacher_mode(net2, "running")
+    assert not any(m.training for m in net2.modules())
+    with pytest.raises(ValueError, match="teacher_bn"):
+        set_teacher_mode(net2, "frozen")  # type: ignore[arg-type]
