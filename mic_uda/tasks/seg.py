@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
@@ -34,7 +34,7 @@ from mic_uda.utils.seeding import rank_generator
 
 
 def _plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
 
 
 class SegUDAModule(L.LightningModule):
@@ -222,6 +222,7 @@ class SegUDAModule(L.LightningModule):
 
     # ----------------------------------------------------------------- checkpoint state
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mic_uda_module"] = f"{type(self).__module__}.{type(self).__qualname__}"
         if self.generator is not None:
             checkpoint["uda_generator_state"] = self.generator.get_state()
 

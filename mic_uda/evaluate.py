@@ -1,0 +1,65 @@
+"""`python -m mic_uda.evaluate ckpt_path=... [data=...]`: a checkpoint on a target split.
+
+The model is rebuilt from the checkpoint alone (its hyper-parameters carry the network and method
+config); the data group picks the split. Prints per-class IoU; optional colourised PNGs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig
+
+from mic_uda.callbacks import SegPredictionWriter
+from mic_uda.utils.hydra_utils import CONFIG_DIR, as_float_dict, register_resolvers, task_wrapper, write_json
+
+log = logging.getLogger("mic_uda")
+register_resolvers()
+
+
+def load_module(ckpt_path: str | Path) -> L.LightningModule:
+    """Rebuild the LightningModule class recorded in the checkpoint, with its weights, on the CPU."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={str(path)!r} does not exist (expected a .ckpt written by training)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    target = ckpt.get("mic_uda_module")
+    if target is None:
+        raise ValueError(f"{path} was not written by mic_uda (no 'mic_uda_module' entry)")
+    return get_class(target).load_from_checkpoint(path, map_location="cpu")
+
+
+@task_wrapper
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    L.seed_everything(cfg.seed, workers=True)
+    model = load_module(cfg.ckpt_path)
+    datamodule = instantiate(cfg.data.datamodule, _recursive_=False)
+    callbacks = []
+    if cfg.save_predictions:
+        out = Path(cfg.paths.output_dir) / "predictions"
+        callbacks.append(SegPredictionWriter(out, cfg.data.palette, cfg.max_prediction_images, cfg.data.ignore_index))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    metrics = as_float_dict(trainer.callback_metrics)
+    if trainer.is_global_zero:
+        print(f"\nEvaluation of {cfg.ckpt_path} on {cfg.data.name}:")
+        print(model.iou_table())
+        write_json(Path(cfg.paths.output_dir) / "metrics.json", {"metrics": metrics, "ckpt_path": str(cfg.ckpt_path),
+                                                                "data": cfg.data.name})
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
+def main(cfg: DictConfig) -> float | None:
+    """Console entry (`mic-uda-eval`)."""
+    return evaluate(cfg).get("test/mIoU")
+
+
+if __name__ == "__main__":
+    main()
