@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import CombinedLoader
 from omegaconf import DictConfig, OmegaConf
@@ -33,7 +34,12 @@ def _build(cfg: Any, key: str) -> Dataset:
     cfg = OmegaConf.create(cfg) if not isinstance(cfg, DictConfig) else cfg
     if "_target_" not in cfg:
         raise ValueError(f"data.{key} has no _target_: expected a dataset class path, got keys {list(cfg)}")
-    dataset = instantiate(cfg)
+    try:
+        dataset = instantiate(cfg)
+    except InstantiationException as e:  # surface the dataset's own clear error, not Hydra's wrapper
+        if isinstance(e.__cause__, (OSError, ValueError)):
+            raise e.__cause__ from None
+        raise
     if len(dataset) == 0:
         raise ValueError(f"data.{key} ({cfg._target_}) is empty: check its root and split")
     return dataset

@@ -76,14 +76,19 @@ SPLITS: tuple[str, ...] = ("train", "val")
 SKY, BUILDING, VEGETATION, ROAD, SIDEWALK, CAR, PERSON, POLE = range(8)
 NUM_CLASSES = len(CLASS_NAMES)
 
-_FACADE_ID0 = 64  # first instance id of facade segments (objects use 1..63)
-_MAX_INST = _FACADE_ID0 + 2 * 96
+# Instance ids (uint8) used to give objects individual colours: 0 = ground/sky, 1..31 standing objects,
+# 32..63 distant skyline blocks, 64.. facade segments, and two ids marking car parts.
+_SKYLINE_ID0 = 32
+_FACADE_ID0 = 64
+_N_SEG = 92  # facade segments per side: ids 64..247
+_CAR_WINDOW_ID = 254
+_CAR_LIGHT_ID = 255
 # Images are produced in chunks so that peak memory stays bounded for large ``num``.
 _CHUNK = 128
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Small random helpers (all take an explicit generator so that everything is reproducible).
+# Small helpers (all randomness goes through an explicit generator so that everything is reproducible).
 # ----------------------------------------------------------------------------------------------------------
 def _u(gen: torch.Generator, shape: tuple[int, ...], lo: float, hi: float) -> torch.Tensor:
     """Uniform samples in [lo, hi)."""
@@ -95,9 +100,9 @@ def _bern(gen: torch.Generator, shape: tuple[int, ...], p: float) -> torch.Tenso
     return torch.rand(shape, generator=gen) < p
 
 
-def _lowfreq(gen: torch.Generator, n: int, c: int, cells: int, size: tuple[int, int]) -> torch.Tensor:
-    """Smooth random field (n, c, H, W) ~ N(0, ~1): bilinearly upsampled ``cells x cells`` Gaussian noise."""
-    z = torch.randn((n, c, cells, cells), generator=gen)
+def _lowfreq(gen: torch.Generator, n: int, cells: int, size: tuple[int, int]) -> torch.Tensor:
+    """Smooth random field (n,1,H,W), roughly N(0,1): bilinearly upsampled ``cells x cells`` noise."""
+    z = torch.randn((n, 1, cells, cells), generator=gen)
     return F.interpolate(z, size=size, mode="bilinear", align_corners=False)
 
 
@@ -109,13 +114,25 @@ def _grids(size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     return ys, xs
 
 
+def _blend_(dst: torch.Tensor, mask: torch.Tensor, value: torch.Tensor | int) -> None:
+    """In place ``dst[mask] = value`` for uint8/int16 tensors, with broadcasting ``value``.
+
+    Written as wrap-around integer arithmetic (dst += mask * (value - dst)) because it is ~10x faster
+    than torch.where / masked_fill on CPU for these sizes."""
+    dst.add_(mask.to(dst.dtype) * (value - dst))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Layouts
 # ----------------------------------------------------------------------------------------------------------
 def _layout_chunk(n: int, size: tuple[int, int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw ``n`` street layouts. Geometry: ground row y has depth d = y - h (h = horizon) and a point at
-    lateral world offset u (in camera heights) projects to x = vx + (shift + u) * d; an object of world
-    height s (camera heights) standing at depth d spans s * d image heights."""
+    """Draw ``n`` street layouts; returns labels (n,H,W) uint8 and instance ids (n,H,W) uint8.
+
+    Geometry (pinhole camera over a flat ground): the ground row y has depth proxy d = y - horizon, and a
+    point at lateral world offset u (in camera heights) projects to x = vx + (shift + u) * d; an object of
+    world height s standing at depth d spans s * d image heights. Every shape is described by per-row
+    half-widths around a centre column, so each object costs only a few full-image ops.
+    """
     hh, ww = size
     ys, xs = _grids(size)
     aspect = ww / hh
@@ -128,112 +145,127 @@ def _layout_chunk(n: int, size: tuple[int, int], gen: torch.Generator) -> tuple[
     rw = _u(gen, p, 0.45, 0.85)  # road half-width
     sw = _u(gen, (2, *p), 0.25, 0.55)  # sidewalk width, left / right
 
-    labels = torch.full((n, hh, ww), SKY, dtype=torch.int64)
-    # Instance ids: 0 = stuff, 1.._N_OBJ = standing objects, _FACADE_ID0 + ... = facade segments.
-    inst = torch.zeros((n, hh, ww), dtype=torch.int64)
+    labels = torch.full((n, hh, ww), SKY, dtype=torch.uint8)
+    inst = torch.zeros((n, hh, ww), dtype=torch.uint8)
 
-    # Distant skyline around the vanishing point (blocks and tree lines standing on the horizon).
-    for _ in range(7):
+    def rows(top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
+        """(n,H,1) float indicator of top <= y <= bottom."""
+        return ((ys >= top) & (ys <= bottom)).float()
+
+    def ellipse_hw(cy: torch.Tensor, rx: torch.Tensor, ry: torch.Tensor) -> torch.Tensor:
+        """Per-row half-width of an axis-aligned ellipse (0 outside)."""
+        return rx * (1.0 - ((ys - cy) / ry) ** 2).clamp(min=0.0).sqrt()
+
+    # Distant skyline around the vanishing point: blocks and tree lines standing on the horizon.
+    for k in range(7):
         xc = vx + aspect * _u(gen, p, -0.35, 0.35)
         half_w = _u(gen, p, 0.02, 0.08)
         top = _u(gen, p, 0.02, 0.12)
-        active = _bern(gen, p, 0.8)
+        active = _bern(gen, p, 0.8).float()
         is_tree = _bern(gen, p, 0.3)
-        rect = ((xs - xc).abs() < half_w) & (ys >= horizon - top)
-        blob = ((xs - xc) / half_w) ** 2 + ((ys - horizon) / top) ** 2 < 1.0
-        labels = torch.where(active & ~is_tree & rect, BUILDING, labels)
-        labels = torch.where(active & is_tree & blob, VEGETATION, labels)
+        hw_rect = half_w * rows(horizon - top, horizon + 0.02)
+        hw = torch.where(is_tree, ellipse_hw(horizon, half_w, top), hw_rect) * active
+        cls = torch.where(is_tree, VEGETATION, BUILDING).to(torch.uint8)
+        mask = (xs - xc).abs() < hw
+        _blend_(labels, mask, cls)
+        _blend_(inst, mask, _SKYLINE_ID0 + k)
 
-    # Facades along both sides of the street: vertical planes on the outer sidewalk edges. For a pixel
-    # column x the plane is hit at depth dd; world distance 1/dd picks a building segment with its own
-    # height (and type: building, or a hedge / tree row).
-    n_seg = 96
+    # Facades along both sides of the street: vertical planes on the outer sidewalk edges. Column x hits
+    # the plane at depth dd; the world distance 1/dd selects a segment (a building, or a hedge / tree row)
+    # with its own height in camera heights.
     for side_i, side in enumerate((-1.0, 1.0)):
         slope = shift + side * (rw + sw[side_i])
-        dd = ((xs - vx) / slope).clamp(min=1e-4)  # (n,1,W); <=1e-4 means the other side of the street
+        dd = (xs - vx) / slope  # (n,1,W), > 0 on this side of the street
+        valid = dd > 2e-4
+        dd = dd.clamp(min=2e-4)
         seg_len = _u(gen, p, 1.5, 4.0)
         offset = _u(gen, p, 0.0, 1.0)
-        seg = (1.0 / (dd * seg_len) + offset).floor().clamp(max=n_seg - 1).long()  # (n,1,W)
-        is_veg = _bern(gen, (n, n_seg), 0.22)
-        height = torch.where(is_veg, _u(gen, (n, n_seg), 1.1, 2.2), _u(gen, (n, n_seg), 1.8, 6.0))
-        seg_h = height.gather(1, seg.view(n, ww)).view(n, 1, ww)
-        seg_v = is_veg.gather(1, seg.view(n, ww)).view(n, 1, ww)
-        facade = (dd > 2e-4) & (ys >= horizon - (seg_h - 1.0) * dd)
-        labels = torch.where(facade, torch.where(seg_v, VEGETATION, BUILDING), labels)
-        inst = torch.where(facade, _FACADE_ID0 + side_i * n_seg + seg, inst)
+        seg = (1.0 / (dd * seg_len) + offset).floor().clamp(0, _N_SEG - 1).long().view(n, ww)
+        is_veg = _bern(gen, (n, _N_SEG), 0.22)
+        height = torch.where(is_veg, _u(gen, (n, _N_SEG), 1.1, 2.2), _u(gen, (n, _N_SEG), 1.8, 5.5))
+        seg_h = height.gather(1, seg).view(n, 1, ww)
+        cls = torch.where(is_veg.gather(1, seg), VEGETATION, BUILDING).to(torch.uint8).view(n, 1, ww)
+        top = torch.where(valid, horizon - (seg_h - 1.0) * dd, 10.0)
+        mask = ys >= top
+        _blend_(labels, mask, cls)
+        _blend_(inst, mask, (_FACADE_ID0 + side_i * _N_SEG + seg).to(torch.uint8).view(n, 1, ww))
 
-    # Ground: road and sidewalks below the horizon.
-    d = (ys - horizon).clamp(min=1e-4)  # (n,H,1)
-    below = ys > horizon
-    u = (xs - vx) / d - shift  # lateral world coordinate (n,H,W)
-    road = below & (u.abs() < rw)
-    walk = below & (((u < -rw) & (u > -rw - sw[0])) | ((u > rw) & (u < rw + sw[1])))
-    labels = torch.where(walk, SIDEWALK, labels)
-    labels = torch.where(road, ROAD, labels)
+    # Ground: sidewalks flanking the road below the horizon.
+    d = (ys - horizon).clamp(min=0.0)  # (n,H,1)
+    dx = xs - (vx + shift * d)  # (n,H,W) offset from the road centre line
+    walk = (dx > -(rw + sw[0]) * d) & (dx < (rw + sw[1]) * d)
+    road = dx.abs() < rw * d
+    _blend_(labels, walk, SIDEWALK)
+    _blend_(labels, road, ROAD)
+    _blend_(inst, walk, 0)
 
-    # Standing objects, composited with a z-buffer on ground depth (larger = closer to the camera).
-    zbuf = torch.full((n, hh, ww), -1.0)
+    # Standing objects, composited with a z-buffer on quantised ground depth (larger = closer).
+    zbuf = torch.zeros((n, hh, ww), dtype=torch.uint8)
     ground = 1.0 - horizon  # depth of the bottom image row
-
     next_id = 1
 
-    def paint(mask: torch.Tensor, depth: torch.Tensor, cls: int) -> None:
-        nonlocal labels, zbuf, inst, next_id
-        m = mask & (depth > zbuf)
-        labels = torch.where(m, cls, labels)
-        inst = torch.where(m, next_id, inst)
-        zbuf = torch.where(m, depth, zbuf)
+    def paint(mask: torch.Tensor, dep: torch.Tensor, cls: int) -> torch.Tensor:
+        nonlocal next_id
+        dq = (dep * 370.0 + 1.0).clamp(max=255.0).to(torch.uint8)
+        m = mask & (zbuf < dq)
+        _blend_(labels, m, cls)
+        _blend_(inst, m, next_id)
+        _blend_(zbuf, m, dq)
         next_id += 1
+        return m
 
-    def side_of() -> tuple[torch.Tensor, torch.Tensor]:
+    def place(lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Random side (+-1), that side's sidewalk width, and a depth (biased to the distance)."""
         right = _bern(gen, p, 0.5)
-        return torch.where(right, 1.0, -1.0), torch.where(right, sw[1], sw[0])
+        dep = ground * _u(gen, p, lo, hi) ** 1.2
+        return torch.where(right, 1.0, -1.0), torch.where(right, sw[1], sw[0]), dep
 
-    # Object sizes in camera heights (the camera sits roughly 3 m above the road).
+    # Object sizes are in camera heights (the camera sits roughly 3 m above the road).
     # Trees: trunk + elliptic crown on the outer part of the sidewalk.
     for _ in range(4):
-        s, swk = side_of()
-        dep = ground * _u(gen, p, 0.08, 1.0) ** 1.3
+        s, swk, dep = place(0.1, 1.0)
         x0 = vx + (shift + s * (rw + swk * _u(gen, p, 0.6, 0.9))) * dep
         y0 = horizon + dep
         trunk_h = _u(gen, p, 0.8, 1.2) * dep
         r = _u(gen, p, 0.35, 0.6) * dep
-        trunk = ((xs - x0).abs() < torch.clamp(0.04 * dep, min=0.6 * px)) & (ys <= y0) & (ys >= y0 - trunk_h)
-        crown = ((xs - x0) / r) ** 2 + ((ys - (y0 - trunk_h - 0.6 * r)) / (1.15 * r)) ** 2 < 1.0
-        paint((trunk | crown) & _bern(gen, p, 0.6), dep, VEGETATION)
+        trunk = (0.04 * dep).clamp(min=0.6 * px) * rows(y0 - trunk_h, y0)
+        crown = ellipse_hw(y0 - trunk_h - 0.6 * r, r, 1.15 * r)
+        hw = torch.maximum(trunk, crown) * _bern(gen, p, 0.6).float()
+        paint((xs - x0).abs() < hw, dep, VEGETATION)
 
-    # Poles (street lights / sign posts) near the kerb.
+    # Poles (street lights / sign posts) near the kerb, with a lamp arm over the road or a sign plate.
     for _ in range(4):
-        s, swk = side_of()
-        dep = ground * _u(gen, p, 0.1, 1.0) ** 1.2
+        s, swk, dep = place(0.1, 1.0)
         x0 = vx + (shift + s * (rw + swk * _u(gen, p, 0.05, 0.25))) * dep
         y0 = horizon + dep
         top = y0 - _u(gen, p, 1.4, 2.2) * dep
-        half = torch.clamp(0.022 * dep, min=0.55 * px)
-        pole = ((xs - x0).abs() < half) & (ys <= y0) & (ys >= top)
-        # lamp arm reaching over the road, or a sign plate
-        arm_len = _u(gen, p, 0.25, 0.5) * dep
-        arm_x = (xs - x0) * (-s)
-        arm = (arm_x > 0) & (arm_x < arm_len) & ((ys - top).abs() < half * 1.2) & _bern(gen, p, 0.5)
+        half = (0.022 * dep).clamp(min=0.55 * px)
         plate_y = top + _u(gen, p, 0.1, 0.6) * (y0 - top)
-        plate = ((xs - x0).abs() < 0.11 * dep) & ((ys - plate_y).abs() < 0.07 * dep) & _bern(gen, p, 0.3)
-        paint((pole | arm | plate) & _bern(gen, p, 0.8), dep, POLE)
+        plate = 0.11 * dep * rows(plate_y - 0.07 * dep, plate_y + 0.07 * dep) * _bern(gen, p, 0.3).float()
+        centred = torch.maximum(half * rows(top, y0), plate)
+        arm = _u(gen, p, 0.25, 0.5) * dep * rows(top - half, top + half) * _bern(gen, p, 0.5).float()
+        active = _bern(gen, p, 0.8).float()
+        lo = torch.minimum(-centred, torch.where(s > 0, -arm, 0.0)) * active  # the arm points to the road
+        hi = torch.maximum(centred, torch.where(s < 0, arm, 0.0)) * active
+        dxo = xs - x0
+        paint((dxo > lo) & (dxo < hi), dep, POLE)
 
     # Persons on the sidewalks: legs, torso ellipse, head.
     for _ in range(6):
-        s, swk = side_of()
-        dep = ground * _u(gen, p, 0.12, 1.0) ** 1.1
+        s, swk, dep = place(0.12, 1.0)
         x0 = vx + (shift + s * (rw + swk * _u(gen, p, 0.2, 0.85))) * dep
         y0 = horizon + dep
         ph = _u(gen, p, 0.55, 0.7) * dep
         pw = _u(gen, p, 0.17, 0.22) * dep
-        dx = xs - x0
-        legs = (dx.abs() < torch.clamp(0.3 * pw, min=0.6 * px)) & (ys <= y0) & (ys >= y0 - 0.48 * ph)
-        torso = (dx / (0.5 * pw)) ** 2 + ((ys - (y0 - 0.64 * ph)) / (0.22 * ph)) ** 2 < 1.0
-        head = dx**2 + (ys - (y0 - 0.91 * ph)) ** 2 < (0.085 * ph) ** 2 + (0.5 * px) ** 2
-        paint((legs | torso | head) & _bern(gen, p, 0.65), dep, PERSON)
+        legs = (0.3 * pw).clamp(min=0.6 * px) * rows(y0 - 0.48 * ph, y0)
+        torso = ellipse_hw(y0 - 0.64 * ph, 0.5 * pw, 0.22 * ph)
+        head_r = (0.085 * ph).clamp(min=0.6 * px)
+        head = ellipse_hw(y0 - 0.91 * ph, head_r, head_r)
+        hw = torch.maximum(torch.maximum(legs, torso), head) * _bern(gen, p, 0.65).float()
+        paint((xs - x0).abs() < hw, dep, PERSON)
 
-    # Cars on the road, seen from behind: body, cabin (trapezoid) and wheels.
+    # Cars on the road, seen from behind: body, tapered cabin, wheels; rear window and lights are
+    # marked with dedicated instance ids so that the renderer can draw them.
     for _ in range(5):
         dep = ground * _u(gen, p, 0.08, 1.0) ** 1.3
         cw = _u(gen, p, 0.55, 0.7)
@@ -242,30 +274,36 @@ def _layout_chunk(n: int, size: tuple[int, int], gen: torch.Generator) -> tuple[
         y0 = horizon + dep
         w = cw * dep
         ch = _u(gen, p, 0.42, 0.55) * dep
-        dx = (xs - x0).abs()
         wheel_top = y0 - 0.18 * ch
-        body = (dx < 0.5 * w) & (ys <= wheel_top) & (ys >= y0 - 0.6 * ch)
-        wheels = (dx < 0.47 * w) & (dx > 0.25 * w) & (ys <= y0) & (ys > wheel_top)
-        t = ((ys - (y0 - ch)) / (0.4 * ch)).clamp(0.0, 1.0)  # 0 at roof, 1 at the cabin bottom
-        cabin = (dx < (0.3 + 0.14 * t) * w) & (ys >= y0 - ch) & (ys < y0 - 0.6 * ch)
-        paint((body | wheels | cabin) & _bern(gen, p, 0.7), dep, CAR)
+        taper = ((ys - (y0 - ch)) / (0.4 * ch)).clamp(0.0, 1.0)  # 0 at the roof, 1 at the cabin bottom
+        cabin = (0.3 + 0.14 * taper) * w * rows(y0 - ch, y0 - 0.6 * ch)
+        body = 0.5 * w * rows(y0 - 0.6 * ch, wheel_top)
+        wheel_rows = ((ys > wheel_top) & (ys <= y0)).float()
+        hw = torch.maximum(torch.maximum(cabin, body), 0.47 * w * wheel_rows) * _bern(gen, p, 0.7).float()
+        hole = 0.25 * w * wheel_rows  # road visible between the wheels
+        dxa = (xs - x0).abs()
+        m = paint((dxa < hw) & (dxa >= hole), dep, CAR)
+        window = (dxa < 0.24 * w * rows(y0 - 0.93 * ch, y0 - 0.68 * ch)) & m
+        lights_rows = rows(y0 - 0.56 * ch, y0 - 0.42 * ch)
+        lights = (dxa < 0.46 * w * lights_rows) & (dxa >= 0.3 * w * lights_rows) & m
+        _blend_(inst, window, _CAR_WINDOW_ID)
+        _blend_(inst, lights, _CAR_LIGHT_ID)
 
     return labels, inst
 
 
 def _generate(num: int, size: tuple[int, int], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layouts plus instance ids (num,H,W) int64; instances let :func:`render` colour each object
-    individually."""
+    """Labels (num,H,W) int64 plus instance ids (num,H,W) uint8. Instances let :func:`render` colour each
+    object individually and draw car details."""
     size = (int(size[0]), int(size[1]))
     if num <= 0:
-        empty = torch.empty((0, *size), dtype=torch.int64)
-        return empty, empty.clone()
+        return torch.empty((0, *size), dtype=torch.int64), torch.empty((0, *size), dtype=torch.uint8)
     chunks = [_layout_chunk(min(_CHUNK, num - i), size, generator) for i in range(0, num, _CHUNK)]
-    return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+    return torch.cat([c[0] for c in chunks]).long(), torch.cat([c[1] for c in chunks])
 
 
 def generate_layouts(num: int, size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
-    """Draw ``num`` street-scene label maps of shape ``size`` = (H, W); returns (num, H, W) int64 class ids.
+    """Draw ``num`` street-scene label maps of shape ``size`` = (H, W); returns (num,H,W) int64 class ids.
 
     Deterministic given the generator state; generated in fixed-size chunks to bound peak memory.
     """
@@ -275,6 +313,15 @@ def generate_layouts(num: int, size: tuple[int, int], generator: torch.Generator
 # ----------------------------------------------------------------------------------------------------------
 # Rendering
 # ----------------------------------------------------------------------------------------------------------
+# A pixel's appearance comes from one lookup in a per-image table indexed by key = label * 256 + instance
+# (or a decoration key >= 2048: windows, lane markings, ...). Each entry holds RGB plus three texture
+# amplitudes: smooth noise, fine noise, and a domain-specific channel (sky gradient in the source, wetness
+# in the target). One gather per image batch is much cheaper than per-class masking.
+_N_KEYS = NUM_CLASSES * 256
+_DECO_WINDOW, _DECO_LANE, _DECO_JOINT = _N_KEYS, _N_KEYS + 1, _N_KEYS + 2
+_N_TABLE = _N_KEYS + 4
+
+
 def _rgb(*rows: tuple[float, float, float]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32)
 
@@ -282,7 +329,7 @@ def _rgb(*rows: tuple[float, float, float]) -> torch.Tensor:
 # Base colours per class (order of CLASS_NAMES).
 _SRC_BASE = _rgb(
     (0.42, 0.66, 0.96),  # sky: saturated blue
-    (0.80, 0.64, 0.46),  # building: sandstone (hue re-drawn per image)
+    (0.80, 0.64, 0.46),  # building: (hue re-drawn per image from _SRC_BUILDING_HUES)
     (0.24, 0.62, 0.18),  # vegetation: saturated green
     (0.36, 0.36, 0.39),  # road: asphalt grey
     (0.82, 0.66, 0.62),  # sidewalk: light pinkish paving
@@ -294,188 +341,170 @@ _SRC_BUILDING_HUES = _rgb((0.80, 0.64, 0.46), (0.72, 0.36, 0.28), (0.86, 0.82, 0
 _TGT_BASE = _rgb(
     (0.80, 0.66, 0.60),  # sky: hazy dusk glow, still the brightest region
     (0.20, 0.22, 0.30),  # building: dark blue-grey
-    (0.17, 0.24, 0.14),  # vegetation: dark olive
+    (0.19, 0.30, 0.15),  # vegetation: dark olive
     (0.30, 0.29, 0.31),  # road: wet asphalt
     (0.30, 0.29, 0.31),  # sidewalk: *same* as road (the ambiguous pair)
     (0.30, 0.26, 0.28),  # car (mixed with desaturated per-object colours)
     (0.16, 0.15, 0.17),  # person: dark clothing
     (0.11, 0.11, 0.12),  # pole: dark silhouette
 )
-# How much the per-object colour field replaces the class colour.
-_SRC_OBJ_MIX = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.85, 0.75, 0.0])
-_TGT_OBJ_MIX = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.6, 0.3, 0.0])
-# Amplitude of smooth luminance noise per class.
-_SRC_LF_AMP = torch.tensor([0.03, 0.06, 0.12, 0.05, 0.05, 0.04, 0.05, 0.04])
-_TGT_LF_AMP = torch.tensor([0.06, 0.10, 0.15, 0.16, 0.16, 0.08, 0.08, 0.05])
-# Amplitude of fine (per-pixel, pre-blur) texture per class.
-_SRC_HF_AMP = torch.tensor([0.0, 0.02, 0.10, 0.04, 0.03, 0.01, 0.02, 0.01])
-_TGT_HF_AMP = torch.tensor([0.01, 0.06, 0.25, 0.12, 0.12, 0.04, 0.05, 0.03])
-
-
-def _gather_class(table: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-image class table (n,K,C) -> per-pixel values (n,C,H,W)."""
-    n, h, w = labels.shape
-    c = table.shape[-1]
-    idx = labels.view(n, 1, h * w).expand(n, c, h * w)
-    return table.transpose(1, 2).gather(2, idx).view(n, c, h, w)
-
-
-def _horizon_rows(labels: torch.Tensor) -> torch.Tensor:
-    """Estimated horizon (n,1,1) in height units: the first image row that contains ground."""
-    n, h, _ = labels.shape
-    ground = ((labels == ROAD) | (labels == SIDEWALK)).any(dim=2)  # (n,H)
-    first = torch.where(ground.any(dim=1), ground.float().argmax(dim=1), torch.full((n,), h // 2))
-    return (first.float() / h).view(n, 1, 1)
-
-
-def _instance_field(
-    instances: torch.Tensor | None, n: int, size: tuple[int, int], channels: int, gen: torch.Generator
-) -> torch.Tensor:
-    """Uniform [0,1) random values (n,C,H,W) that are constant per object instance, so that each car /
-    person / building gets its own colour. Without instance ids a smooth coarse field is used instead."""
-    if instances is None:
-        z = torch.rand((n, channels, 3, 3), generator=gen)
-        return F.interpolate(z, size=size, mode="bilinear", align_corners=False)
-    table = torch.rand((n, channels, _MAX_INST), generator=gen)
-    idx = instances.clamp(0, _MAX_INST - 1).view(n, 1, -1).expand(n, channels, -1)
-    return table.gather(2, idx).view(n, channels, *size)
-
-
-def _car_parts(
-    labels: torch.Tensor, instances: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Masks (n,H,W) of the rear window and of the two rear lights of every car, from per-instance
-    bounding boxes (scatter min/max over pixels), or None without instance ids."""
-    if instances is None:
-        return None
-    n, hh, ww = labels.shape
-    car = labels == CAR
-    ids = torch.where(car, instances, 0).clamp(0, _FACADE_ID0 - 1).view(n, -1)
-    ys, xs = _grids((hh, ww))
-    yy = ys.expand(1, hh, ww).reshape(1, -1).expand(n, -1)
-    xx = xs.expand(1, hh, ww).reshape(1, -1).expand(n, -1)
-    big = torch.full((n, _FACADE_ID0), 1e4)
-    y0 = big.scatter_reduce(1, ids, torch.where(car.view(n, -1), yy, 1e4), "amin")
-    y1 = (-big).scatter_reduce(1, ids, torch.where(car.view(n, -1), yy, -1e4), "amax")
-    x0 = big.scatter_reduce(1, ids, torch.where(car.view(n, -1), xx, 1e4), "amin")
-    x1 = (-big).scatter_reduce(1, ids, torch.where(car.view(n, -1), xx, -1e4), "amax")
-
-    def per_pixel(v: torch.Tensor) -> torch.Tensor:
-        return v.gather(1, ids).view(n, hh, ww)
-
-    y0, y1, x0, x1 = per_pixel(y0), per_pixel(y1), per_pixel(x0), per_pixel(x1)
-    hgt, wid = (y1 - y0).clamp(min=1e-6), (x1 - x0).clamp(min=1e-6)
-    ry, rx = (ys - y0) / hgt, (xs - x0) / wid  # relative position inside the car's box
-    window = car & (ry > 0.08) & (ry < 0.36) & ((rx - 0.5).abs() < 0.22)
-    lights = car & (ry > 0.5) & (ry < 0.66) & ((rx - 0.5).abs() > 0.3) & ((rx - 0.5).abs() < 0.46)
-    return window, lights
+# Per class: share of the per-object random colour, per-instance brightness jitter, smooth-noise amplitude,
+# fine-noise amplitude, and the domain-specific third amplitude.
+_SRC_MIX = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.85, 0.75, 0.0])
+_SRC_JIT = torch.tensor([0.0, 0.3, 0.25, 0.0, 0.0, 0.1, 0.1, 0.1])
+_SRC_AMP = torch.tensor(
+    [  # lf, hf, sky gradient
+        [0.03, 0.00, 0.35],
+        [0.06, 0.02, 0.0],
+        [0.12, 0.10, 0.0],
+        [0.05, 0.04, 0.0],
+        [0.05, 0.03, 0.0],
+        [0.04, 0.01, 0.0],
+        [0.05, 0.02, 0.0],
+        [0.04, 0.01, 0.0],
+    ]
+)
+_TGT_MIX = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.6, 0.3, 0.0])
+_TGT_JIT = torch.tensor([0.0, 0.4, 0.3, 0.0, 0.0, 0.2, 0.2, 0.1])
+_TGT_AMP = torch.tensor(
+    [  # lf, hf, wetness (puddles)
+        [0.06, 0.02, 0.0],
+        [0.10, 0.10, 0.0],
+        [0.15, 0.35, 0.0],
+        [0.16, 0.18, 1.0],
+        [0.16, 0.18, 1.0],
+        [0.08, 0.06, 0.0],
+        [0.08, 0.08, 0.0],
+        [0.05, 0.04, 0.0],
+    ]
+)
 
 
 def _saturate(c: torch.Tensor, amount: float) -> torch.Tensor:
-    """Push (n,3,...) colours away from (amount>1) or towards (amount<1) their grey value."""
-    g = c.mean(dim=1, keepdim=True)
+    """Push colours (..., 3) away from (amount > 1) or towards (amount < 1) their grey value."""
+    g = c.mean(dim=-1, keepdim=True)
     return (g + (c - g) * amount).clamp(0.0, 1.0)
+
+
+def _table(
+    base: torch.Tensor, mix: torch.Tensor, jit: torch.Tensor, amp: torch.Tensor, obj: torch.Tensor, gen: torch.Generator
+) -> torch.Tensor:
+    """Per-image appearance table (n, 6, _N_TABLE): rows = label*256+instance (+ decoration rows, filled in
+    by the caller), columns = RGB + 3 texture amplitudes."""
+    n = base.shape[0]
+    bright = torch.rand((n, 1, 256, 1), generator=gen) - 0.5
+    rgb = base[:, :, None, :] * (1 - mix[None, :, None, None]) + obj[:, None, :, :] * mix[None, :, None, None]
+    rgb = rgb * (1.0 + jit[None, :, None, None] * bright)  # (n, K, 256, 3)
+    amps = amp[None, :, None, :].expand(n, -1, 256, -1)
+    table = torch.cat([rgb, amps], dim=-1).reshape(n, _N_KEYS, 6)
+    table = torch.cat([table, torch.zeros((n, _N_TABLE - _N_KEYS, 6))], dim=1)
+    return table
+
+
+def _keys(labels: torch.Tensor, instances: torch.Tensor | None) -> torch.Tensor:
+    """int16 lookup keys label*256 + instance."""
+    key = labels.to(torch.int16) * 256
+    if instances is not None:
+        key += instances.to(torch.int16)
+    return key
+
+
+def _lookup(table: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """(n,_N_TABLE,6) table, (n,H,W) keys -> (n,6,H,W)."""
+    n, hh, ww = key.shape
+    idx = key.long().view(n, 1, hh * ww).expand(n, 6, hh * ww)
+    return table.transpose(1, 2).contiguous().gather(2, idx).view(n, 6, hh, ww)
+
+
+def _horizon(labels: torch.Tensor) -> torch.Tensor:
+    """Estimated horizon (n,1,1) in height units: the first image row that contains ground."""
+    n, hh, _ = labels.shape
+    ground = ((labels == ROAD) | (labels == SIDEWALK)).any(dim=2)  # (n,H)
+    first = torch.where(ground.any(dim=1), ground.to(torch.uint8).argmax(dim=1), hh // 2)
+    return (first.float() / hh).view(n, 1, 1)
 
 
 def _lane_markings(labels: torch.Tensor, horizon: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Dashed centre line (n,H,W bool) on the road. The road centre is a straight image line through the
-    vanishing point, so it is fitted per image by least squares on rows where the road is not clipped."""
+    vanishing point, fitted per image by least squares to road centroids of rows where the road is not
+    clipped by the image border."""
     n, hh, ww = labels.shape
     ys, xs = _grids((hh, ww))
     road = labels == ROAD
-    big = 1e4
-    rmin = torch.where(road, xs, big).amin(dim=2)  # (n,H)
-    rmax = torch.where(road, xs, -big).amax(dim=2)
-    has = road.any(dim=2)
-    edge = 1.0 / hh
-    valid = (has & (rmin > edge) & (rmax < ww / hh - edge)).float()
+    roadf = road.float()
+    cnt = roadf.sum(dim=2)  # (n,H)
+    cx = (roadf @ xs.view(ww, 1)).view(n, hh) / cnt.clamp(min=1.0)
+    valid = ((cnt > 2) & ~road[:, :, 0] & ~road[:, :, -1]).float()
     d = ys.view(1, hh) - horizon.view(n, 1)  # (n,H)
-    cx = 0.5 * (rmin + rmax)
-    # weighted least squares cx = a + b*d
     sw = valid.sum(1).clamp(min=1.0)
     md = (valid * d).sum(1) / sw
-    mc = (valid * torch.where(valid > 0, cx, 0.0)).sum(1) / sw
+    mc = (valid * cx).sum(1) / sw
     var = (valid * (d - md[:, None]) ** 2).sum(1).clamp(min=1e-6)
-    cov = (valid * (d - md[:, None]) * (torch.where(valid > 0, cx, 0.0) - mc[:, None])).sum(1)
-    b = cov / var
+    b = (valid * (d - md[:, None]) * (cx - mc[:, None])).sum(1) / var
     a = mc - b * md
     centre = (a[:, None] + b[:, None] * d).view(n, hh, 1)
     dpos = d.clamp(min=1e-3).view(n, hh, 1)
-    dash_len = _u(gen, (n, 1, 1), 2.0, 4.0)
-    phase = _u(gen, (n, 1, 1), 0.0, 1.0)
-    dash = torch.frac(1.0 / (dpos * dash_len) + phase) < 0.5
-    near = (xs - centre).abs() < 0.025 * dpos + 0.45 / hh
+    dash = torch.frac(1.0 / (dpos * _u(gen, (n, 1, 1), 2.0, 4.0)) + _u(gen, (n, 1, 1), 0.0, 1.0)) < 0.5
     enough = (valid.sum(1) >= 3).view(n, 1, 1)
-    return road & dash & near & enough
+    hw = (0.025 * dpos + 0.45 / hh) * (dash & enough & (d.view(n, hh, 1) > 0)).float()
+    return ((xs - centre).abs() < hw) & road
 
 
-def _blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (n,3,H,W) with reflect padding (camera optics)."""
-    r = max(1, int(math.ceil(2 * sigma)))
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sigma) ** 2)
-    k = (k / k.sum()).to(img.dtype)
-    c = img.shape[1]
-    img = F.conv2d(F.pad(img, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(F.pad(img, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+def _blur(img: torch.Tensor) -> torch.Tensor:
+    """Slight separable [1,2,1]/4 blur with edge replication (camera optics); in-place slice adds are much
+    faster than a depthwise conv on CPU."""
+    for dim in (-1, -2):
+        size = img.shape[dim]
+        out = img * 0.5
+        out.narrow(dim, 1, size - 1).add_(img.narrow(dim, 0, size - 1), alpha=0.25)
+        out.narrow(dim, 0, size - 1).add_(img.narrow(dim, 1, size - 1), alpha=0.25)
+        out.narrow(dim, 0, 1).add_(img.narrow(dim, 0, 1), alpha=0.25)
+        out.narrow(dim, size - 1, 1).add_(img.narrow(dim, size - 1, 1), alpha=0.25)
+        img = out
+    return img
 
 
 def _render_source(labels: torch.Tensor, instances: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
-    """Daytime 'game' look: bright saturated flat colours with simple clean textures."""
+    """Daytime 'game' look: bright saturated colours with simple, clean textures; sharp, little noise."""
     n, hh, ww = labels.shape
     size = (hh, ww)
     ys, xs = _grids(size)
-    horizon = _horizon_rows(labels)
+    horizon = _horizon(labels)
 
-    pal = _SRC_BASE.expand(n, -1, -1).clone()
-    pal[:, BUILDING] = _SRC_BUILDING_HUES[torch.randint(0, len(_SRC_BUILDING_HUES), (n,), generator=gen)]
-    pal = pal * _u(gen, (n, 1, 1), 0.9, 1.08) + 0.035 * torch.randn((n, NUM_CLASSES, 3), generator=gen)
-    col = _gather_class(pal.clamp(0, 1), labels)
+    base = _SRC_BASE.expand(n, -1, -1).clone()
+    base[:, BUILDING] = _SRC_BUILDING_HUES[torch.randint(0, len(_SRC_BUILDING_HUES), (n,), generator=gen)]
+    base = base * _u(gen, (n, 1, 1), 0.9, 1.08) + 0.035 * torch.randn((n, NUM_CLASSES, 3), generator=gen)
+    obj = 0.1 + 0.85 * _saturate(torch.rand((n, 256, 3), generator=gen), 2.0)  # cars, persons
+    table = _table(base.clamp(0, 1), _SRC_MIX, _SRC_JIT, _SRC_AMP, obj, gen)
+    table[:, CAR * 256 + _CAR_WINDOW_ID, :3] = _rgb((0.15, 0.2, 0.28))
+    table[:, CAR * 256 + _CAR_LIGHT_ID, :3] = _rgb((0.9, 0.15, 0.1))
+    table[:, _DECO_WINDOW, :3] = _rgb((0.22, 0.32, 0.48)) + 0.05 * torch.randn((n, 3), generator=gen)
+    table[:, _DECO_WINDOW, 3] = 0.05
+    lane_yellow = _bern(gen, (n, 1), 0.25).float()
+    table[:, _DECO_LANE, :3] = _rgb((0.95, 0.95, 0.92)) * (1 - lane_yellow) + _rgb((0.95, 0.8, 0.2)) * lane_yellow
+    table[:, _DECO_JOINT] = table[:, SIDEWALK * 256]
+    table[:, _DECO_JOINT, :3] *= 0.82
 
-    # Per-object colour for cars / persons (saturated random colours), per-facade brightness.
-    field = _instance_field(instances, n, size, 4, gen)
-    obj = 0.1 + 0.85 * _saturate(field[:, :3], 2.0)
-    mix = _SRC_OBJ_MIX[labels].unsqueeze(1)
-    col = col * (1 - mix) + obj * mix
-    facade = ((labels == BUILDING) | (labels == VEGETATION)).unsqueeze(1)
-    col = torch.where(facade, col * (0.85 + 0.3 * field[:, 3:]), col)
-    parts = _car_parts(labels, instances)
-    if parts is not None:  # dark rear window, red rear lights
-        col = torch.where(parts[0].unsqueeze(1), _rgb((0.15, 0.2, 0.28)).view(1, 3, 1, 1), col)
-        col = torch.where(parts[1].unsqueeze(1), _rgb((0.9, 0.15, 0.1)).view(1, 3, 1, 1), col)
-
-    # Sky gets lighter towards the horizon.
-    sky = (labels == SKY).unsqueeze(1)
-    toward = (ys / horizon.clamp(min=0.1)).clamp(0, 1).unsqueeze(1)
-    col = torch.where(sky, col + 0.35 * toward**2 * (1 - col), col)
-
+    key = _keys(labels, instances)
     # Building windows on a regular grid.
-    pxw = _u(gen, (n, 1, 1), 0.035, 0.07)
-    pyw = _u(gen, (n, 1, 1), 0.04, 0.08)
-    win = (torch.frac(xs / pxw + _u(gen, (n, 1, 1), 0, 1)) < 0.5) & (
-        torch.frac(ys / pyw + _u(gen, (n, 1, 1), 0, 1)) < 0.55
-    )
-    win_col = (_rgb((0.22, 0.32, 0.48)) + 0.05 * torch.randn((n, 3), generator=gen)).view(n, 3, 1, 1)
-    col = torch.where((win & (labels == BUILDING)).unsqueeze(1), win_col, col)
-
-    # Paving joints on sidewalks (transverse lines at regular world distances).
+    win_x = torch.frac(xs / _u(gen, (n, 1, 1), 0.035, 0.07) + _u(gen, (n, 1, 1), 0, 1)) < 0.5
+    win_y = torch.frac(ys / _u(gen, (n, 1, 1), 0.04, 0.08) + _u(gen, (n, 1, 1), 0, 1)) < 0.55
+    _blend_(key, win_x & win_y & (labels == BUILDING), _DECO_WINDOW)
+    # Paving joints across the sidewalks at regular world distances.
     d = (ys - horizon).clamp(min=1e-3)
     joints = torch.frac(1.0 / (d * _u(gen, (n, 1, 1), 0.6, 1.0))) < 0.12
-    col = torch.where((joints & (labels == SIDEWALK)).unsqueeze(1), col * 0.82, col)
+    _blend_(key, joints & (labels == SIDEWALK), _DECO_JOINT)
+    # Dashed lane markings.
+    _blend_(key, _lane_markings(labels, horizon, gen), _DECO_LANE)
 
-    # Smooth luminance variation + fine texture, both class dependent.
-    lf = _lowfreq(gen, n, 1, 8, size) * _SRC_LF_AMP[labels].unsqueeze(1)
-    hf = (torch.rand((n, 1, hh, ww), generator=gen) - 0.5) * 2 * _SRC_HF_AMP[labels].unsqueeze(1)
-    col = col * (1 + lf + hf)
-
-    # Dashed lane markings on top (white or yellow).
-    lane = _lane_markings(labels, horizon, gen).unsqueeze(1)
-    lane_col = torch.where(
-        _bern(gen, (n, 1, 1, 1), 0.75), _rgb((0.95, 0.95, 0.92)).view(1, 3, 1, 1), _rgb((0.95, 0.8, 0.2)).view(1, 3, 1, 1)
-    )
-    col = torch.where(lane, lane_col, col)
-
-    col = col + 0.01 * torch.randn(col.shape, generator=gen)
-    return col.clamp(0.0, 1.0)
+    px = _lookup(table, key)
+    col, a_lf, a_hf, a_sky = px[:, :3], px[:, 3:4], px[:, 4:5], px[:, 5:6]
+    sky_grad = (ys / horizon.clamp(min=0.1)).clamp(0, 1).unsqueeze(1) ** 2  # brighter towards the horizon
+    lf = _lowfreq(gen, n, 8, size)
+    hf = torch.rand((n, 1, hh, ww), generator=gen) * 2 - 1
+    lum = 1.0 + a_lf * lf + a_hf * hf + a_sky * sky_grad
+    lum += 0.01 * (torch.rand((n, 1, hh, ww), generator=gen) - 0.5)  # a hint of noise
+    return (col * lum).clamp_(0.0, 1.0)
 
 
 def _render_target(labels: torch.Tensor, instances: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
@@ -483,69 +512,54 @@ def _render_target(labels: torch.Tensor, instances: torch.Tensor | None, gen: to
     n, hh, ww = labels.shape
     size = (hh, ww)
     ys, xs = _grids(size)
-    horizon = _horizon_rows(labels)
+    horizon = _horizon(labels)
 
-    pal = _TGT_BASE.expand(n, -1, -1).clone()
-    pal = pal * _u(gen, (n, 1, 1), 0.85, 1.15) + 0.03 * torch.randn((n, NUM_CLASSES, 3), generator=gen)
-    pal[:, SIDEWALK] = pal[:, ROAD]  # same per-image colour for the ambiguous pair
-    col = _gather_class(pal.clamp(0, 1), labels)
+    # Colour cast (bluish or orange dusk): applied to the scene and the airlight alike.
+    cast = torch.where(_bern(gen, (n, 1), 0.5), _rgb((0.85, 0.95, 1.15)), _rgb((1.15, 0.95, 0.8)))
+    cast = cast + 0.04 * torch.randn((n, 3), generator=gen)
 
-    # Desaturated, darker per-object colours; per-facade brightness.
-    field = _instance_field(instances, n, size, 4, gen)
-    obj = 0.5 * _saturate(field[:, :3], 0.5)
-    mix = _TGT_OBJ_MIX[labels].unsqueeze(1)
-    col = col * (1 - mix) + obj * mix
-    facade = ((labels == BUILDING) | (labels == VEGETATION)).unsqueeze(1)
-    col = torch.where(facade, col * (0.8 + 0.4 * field[:, 3:]), col)
-    parts = _car_parts(labels, instances)
-    if parts is not None:  # glowing rear lights at dusk (drawn after fog below, see `glow`)
-        glow = parts[1].unsqueeze(1)
+    base = _TGT_BASE * _u(gen, (n, 1, 1), 0.85, 1.15) + 0.03 * torch.randn((n, NUM_CLASSES, 3), generator=gen)
+    base[:, SIDEWALK] = base[:, ROAD]  # the same per-image colour for the ambiguous pair
+    obj = 0.5 * _saturate(torch.rand((n, 256, 3), generator=gen), 0.5)  # desaturated, darker objects
+    table = _table(base.clamp(0, 1), _TGT_MIX, _TGT_JIT, _TGT_AMP, obj, gen)
+    table[:, CAR * 256 + _CAR_WINDOW_ID, :3] = _rgb((0.1, 0.1, 0.12))
+    table[:, CAR * 256 + _CAR_LIGHT_ID, :3] = _rgb((2.2, 0.45, 0.3))  # glowing through the fog
+    table[:, _DECO_WINDOW, :3] = _rgb((1.3, 1.0, 0.55)) * _u(gen, (n, 1), 0.5, 1.0)  # lit windows
+    table[:, :, :3] *= cast[:, None, :]
 
-    # Sparse lit windows on dark facades (a cell grid with a random on/off table).
-    pxw = _u(gen, (n, 1, 1), 0.025, 0.05)
-    pyw = _u(gen, (n, 1, 1), 0.03, 0.06)
-    gx = xs / pxw + _u(gen, (n, 1, 1), 0, 1)
-    gy = ys / pyw + _u(gen, (n, 1, 1), 0, 1)
-    cell = (gy.floor().long() % 64) * 64 + (gx.floor().long() % 64)  # (n,H,W)
-    lit_table = _bern(gen, (n, 64 * 64), 0.18)
-    lit = lit_table.gather(1, cell.view(n, -1)).view(n, hh, ww)
-    lit = lit & (torch.frac(gx) < 0.6) & (torch.frac(gy) < 0.6) & (labels == BUILDING)
-    lit_col = (_rgb((0.85, 0.68, 0.38)) * _u(gen, (n, 1), 0.6, 1.0)).view(n, 3, 1, 1)
-    col = torch.where(lit.unsqueeze(1), lit_col, col)
+    key = _keys(labels, instances)
+    # Sparse lit windows on dark facades: a cell grid with a random on/off table.
+    gx = xs / _u(gen, (n, 1, 1), 0.025, 0.05) + _u(gen, (n, 1, 1), 0, 1)
+    gy = ys / _u(gen, (n, 1, 1), 0.03, 0.06) + _u(gen, (n, 1, 1), 0, 1)
+    cell = (gy.floor().long() % 64) * 64 + (gx.floor().long() % 64)  # (n,H,W) via broadcasting
+    lit = _bern(gen, (n, 64 * 64), 0.18).gather(1, cell.view(n, -1)).view(n, hh, ww)
+    inner = (torch.frac(gx) < 0.6) & (torch.frac(gy) < 0.6)
+    _blend_(key, lit & inner & (labels == BUILDING), _DECO_WINDOW)
 
-    # Wet asphalt: puddles reflecting the sky, on road *and* sidewalk alike.
-    ground = ((labels == ROAD) | (labels == SIDEWALK)).unsqueeze(1)
-    puddle = (_lowfreq(gen, n, 1, 12, size) - 1.1).clamp(min=0.0, max=0.6)
-    col = torch.where(ground, col + puddle * (pal[:, SKY].view(n, 3, 1, 1) * 0.9 - col), col)
+    px = _lookup(table, key)
+    col, a_lf, a_hf, a_wet = px[:, :3], px[:, 3:4], px[:, 4:5], px[:, 5:6]
 
-    # Smooth luminance variation + fine texture.
-    lf = _lowfreq(gen, n, 1, 10, size) * _TGT_LF_AMP[labels].unsqueeze(1)
-    hf = torch.randn((n, 1, hh, ww), generator=gen) * _TGT_HF_AMP[labels].unsqueeze(1)
-    col = col * (1 + lf + hf)
-
-    # Global illumination gradient in a random direction.
-    theta = _u(gen, (n, 1, 1), 0, 2 * math.pi)
-    proj = (xs - 0.5 * ww / hh) * torch.cos(theta) + (ys - 0.5) * torch.sin(theta)
-    col = col * (1.0 + _u(gen, (n, 1, 1), 0.2, 0.5) * proj).unsqueeze(1)
-
-    # Fog: transmission grows with image distance from the horizon (a proxy for scene distance).
-    airlight = (_rgb((0.62, 0.56, 0.60)) + 0.05 * torch.randn((n, 3), generator=gen)).view(n, 3, 1, 1)
+    # Smooth luminance variation, fine texture and a global illumination gradient in a random direction.
+    theta = _u(gen, (n, 1, 1, 1), 0, 2 * math.pi)
+    proj = (xs - 0.5 * ww / hh).unsqueeze(1) * torch.cos(theta) + (ys - 0.5).unsqueeze(1) * torch.sin(theta)
+    illum = 1.0 + _u(gen, (n, 1, 1, 1), 0.3, 0.6) * proj
+    lum = (1.0 + a_lf * _lowfreq(gen, n, 10, size) + a_hf * torch.randn((n, 1, hh, ww), generator=gen)) * illum
+    # Wet ground: puddles (weight p) reflecting the sky, on road *and* sidewalk alike.
+    puddle = (_lowfreq(gen, n, 12, size) - 1.1).clamp(min=0.0, max=0.6) * a_wet
+    sky = (base[:, SKY] * cast * 0.9).view(n, 3, 1, 1)
+    # Fog: transmission t grows with image distance from the horizon (a proxy for scene distance).
+    airlight = ((_rgb((0.62, 0.56, 0.60)) + 0.05 * torch.randn((n, 3), generator=gen)) * cast).view(n, 3, 1, 1)
     t_min = _u(gen, (n, 1, 1), 0.35, 0.55)
-    t = t_min + (1 - t_min) * ((ys - horizon).abs() / 0.45).clamp(0, 1) ** 0.8
-    t = t.unsqueeze(1)
-    col = col * t + airlight * (1 - t)
+    t = (t_min + (1 - t_min) * ((ys - horizon).abs() / 0.45).clamp(0, 1) ** 0.8).unsqueeze(1)  # (n,1,H,1)
+    # ((col * lum) * (1 - p) + p * sky) * t + airlight * (1 - t), arranged to touch 3-channel tensors rarely.
+    col = col * (lum * (1 - puddle) * t)
+    col += (puddle * t) * sky
+    col += airlight * (1 - t)
 
-    # Colour cast (bluish or orange dusk) and lower contrast.
-    cast = torch.where(
-        _bern(gen, (n, 1), 0.5), _rgb((0.85, 0.95, 1.15)), _rgb((1.15, 0.95, 0.8))
-    ) + 0.04 * torch.randn((n, 3), generator=gen)
-    col = col * cast.view(n, 3, 1, 1)
-
-    if parts is not None:
-        col = torch.where(glow, _rgb((1.0, 0.25, 0.15)).view(1, 3, 1, 1), col)
-    col = _blur(col, 0.8)
-    col = col + _u(gen, (n, 1, 1, 1), 0.02, 0.045) * torch.randn(col.shape, generator=gen)
-    return col.clamp(0.0, 1.0)
+    col = _blur(col)
+    sigma = _u(gen, (n, 1, 1, 1), 0.02, 0.045) * math.sqrt(12.0)  # uniform noise with std sigma
+    col += torch.rand(col.shape, generator=gen).sub_(0.5).mul_(sigma)
+    return col.clamp_(0.0, 1.0)
 
 
 def render(
@@ -557,14 +571,14 @@ def render(
     """Render label maps (num,H,W) into images (num,3,H,W) float32 in [0,1] with the appearance of
     ``domain`` ("source" or "target"). Deterministic given the generator state.
 
-    ``instances`` (optional, same shape, from the layout generator) gives every object its own colour;
-    without it object colours vary smoothly over the image instead.
+    ``instances`` (optional, same shape, from the layout generator) gives every object its own colour and
+    car details; without it all objects of a class share one colour per image.
     """
     _check_choice("domain", domain, DOMAINS)
     fn = _render_source if domain == "source" else _render_target
-    labels = labels.long().cpu()
+    labels = labels.cpu()
     if instances is not None:
-        instances = instances.long().cpu()
+        instances = instances.cpu()
         if instances.shape != labels.shape:
             raise ValueError(f"instances shape {tuple(instances.shape)} != labels shape {tuple(labels.shape)}")
     n, hh, ww = labels.shape
@@ -572,7 +586,7 @@ def render(
         fn(labels[i : i + _CHUNK], None if instances is None else instances[i : i + _CHUNK], generator)
         for i in range(0, n, _CHUNK)
     ]
-    return torch.cat(chunks).contiguous() if chunks else torch.empty((0, 3, hh, ww))
+    return torch.cat(chunks) if chunks else torch.empty((0, 3, hh, ww))
 
 
 # ----------------------------------------------------------------------------------------------------------

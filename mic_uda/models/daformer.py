@@ -193,19 +193,25 @@ class DAFormerNet(nn.Module):
         (``mit_b0.pth``: same key names as smp's MiT; their ``head.*`` classifier is dropped) and mmseg>=0.20
         converted MiT checkpoints (``layers.0.0.projection.weight``; mapped back).
         """
-        path = Path(path)
-        _require_file(path, self.encoder_name)
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-            raise ValueError(
-                f"Could not read '{path}' with torch.load(weights_only=True): {err}. Re-save only the "
-                "state dict (a dict of tensors), e.g. torch.save(ckpt['state_dict'], new_path)."
-            ) from err
-        state = extract_encoder_state_dict(obj, source=str(path))
-        _check_state_dict(self.encoder, state, self.encoder_name, str(path))
-        # nn.Module.load_state_dict directly: smp's MiT override has no `strict` and mutates its input.
-        nn.Module.load_state_dict(self.encoder, state, strict=True)
+        load_encoder_weights_into(self.encoder, path, self.encoder_name)
+
+
+
+def load_encoder_weights_into(encoder: nn.Module, path: str | os.PathLike, encoder_name: str) -> None:
+    """Load a local encoder checkpoint into any smp encoder after a strict, explained key check."""
+    path = Path(path)
+    _require_file(path, encoder_name)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise ValueError(
+            f"Could not read '{path}' with torch.load(weights_only=True): {err}. Re-save only the "
+            "state dict (a dict of tensors), e.g. torch.save(ckpt['state_dict'], new_path)."
+        ) from err
+    state = extract_encoder_state_dict(obj, source=str(path))
+    _check_state_dict(encoder, state, encoder_name, str(path))
+    # nn.Module.load_state_dict directly: smp's MiT override has no `strict` and mutates its input.
+    nn.Module.load_state_dict(encoder, state, strict=True)
 
 
 def build_daformer(
