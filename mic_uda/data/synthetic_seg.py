@@ -16,8 +16,11 @@ Design:
     colour variation, simple textures (building windows, dashed lane markings, paving joints), sharp, little
     noise.
   - ``"target"`` (dusk + fog, real camera): a different, darker, lower-contrast palette with a per-image
-    colour cast, different textures (sparsely lit windows, wet asphalt with puddles), distance-dependent fog,
-    a global illumination gradient, slight blur and sensor noise.
+    colour cast, different textures (other window grids, partly lit; wet asphalt with puddles; glowing
+    rear lights), distance-dependent fog, a global illumination gradient, slight blur and sensor noise.
+    The per-class colour change is not one global linear map (road and sidewalk collapse onto one colour),
+    but hue relations partly survive (vegetation stays greenish, sky bluish and brightest), so a
+    source-trained model gets a foothold for self-training.
 
   Road and sidewalk share one colour/texture distribution in the target, so they are locally
   indistinguishable there and only spatial context (sidewalks flank the road, persons and poles stand on
@@ -84,7 +87,7 @@ _N_SEG = 92  # facade segments per side: ids 64..247
 _CAR_WINDOW_ID = 254
 _CAR_LIGHT_ID = 255
 # Images are produced in chunks so that peak memory stays bounded for large ``num``.
-_CHUNK = 128
+_CHUNK = 32
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -115,11 +118,17 @@ def _grids(size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _blend_(dst: torch.Tensor, mask: torch.Tensor, value: torch.Tensor | int) -> None:
-    """In place ``dst[mask] = value`` for uint8/int16 tensors, with broadcasting ``value``.
+    """In place ``dst[mask] = value`` for integer tensors, with broadcasting ``value``.
 
-    Written as wrap-around integer arithmetic (dst += mask * (value - dst)) because it is ~10x faster
-    than torch.where / masked_fill on CPU for these sizes."""
-    dst.add_(mask.to(dst.dtype) * (value - dst))
+    Written as integer arithmetic (dst += mask * (value - dst)) because that is ~10x faster than
+    torch.where / masked_fill on CPU at these sizes."""
+    dst.addcmul_(mask.to(dst.dtype), value - dst)
+
+
+def _lt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """0/1 integer mask of a < b for int16 fixed-point operands (subtract + clamp: much faster on CPU than
+    comparison ops, which produce bool without vectorisation)."""
+    return (b - a).clamp_(0, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -131,13 +140,20 @@ def _layout_chunk(n: int, size: tuple[int, int], gen: torch.Generator) -> tuple[
     Geometry (pinhole camera over a flat ground): the ground row y has depth proxy d = y - horizon, and a
     point at lateral world offset u (in camera heights) projects to x = vx + (shift + u) * d; an object of
     world height s standing at depth d spans s * d image heights. Every shape is described by per-row
-    half-widths around a centre column, so each object costs only a few full-image ops.
+    half-widths (or intervals) around a centre column, so a shape costs a handful of full-image integer
+    ops; geometry is compared in int16 fixed point for speed.
     """
     hh, ww = size
     ys, xs = _grids(size)
     aspect = ww / hh
     px = 1.0 / hh  # one pixel in coordinate units
     p = (n, 1, 1)
+    fix = hh * max(1, 4096 // max(hh, ww))  # fixed-point units per coordinate unit (|values| < 2**14)
+
+    def q(v: torch.Tensor) -> torch.Tensor:
+        return (v.clamp(-2.0, 2.0 + aspect) * fix).round_().to(torch.int16)
+
+    ys_q, xs_q = q(ys), q(xs)
 
     horizon = _u(gen, p, 0.33, 0.50)
     vx = aspect * _u(gen, p, 0.38, 0.62)
@@ -145,8 +161,8 @@ def _layout_chunk(n: int, size: tuple[int, int], gen: torch.Generator) -> tuple[
     rw = _u(gen, p, 0.45, 0.85)  # road half-width
     sw = _u(gen, (2, *p), 0.25, 0.55)  # sidewalk width, left / right
 
-    labels = torch.full((n, hh, ww), SKY, dtype=torch.uint8)
-    inst = torch.zeros((n, hh, ww), dtype=torch.uint8)
+    labels = torch.full((n, hh, ww), SKY, dtype=torch.int16)
+    inst = torch.zeros((n, hh, ww), dtype=torch.int16)
 
     def rows(top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
         """(n,H,1) float indicator of top <= y <= bottom."""
@@ -156,6 +172,10 @@ def _layout_chunk(n: int, size: tuple[int, int], gen: torch.Generator) -> tuple[
         """Per-row half-width of an axis-aligned ellipse (0 outside)."""
         return rx * (1.0 - ((ys - cy) / ry) ** 2).clamp(min=0.0).sqrt()
 
+    def centred(x0: torch.Tensor, hw: torch.Tensor) -> torch.Tensor:
+        """0/1 mask of |x - x0| < hw(y)."""
+        return _lt((xs_q - q(x0)).abs(), q(hw))
+
     # Distant skyline around the vanishing point: blocks and tree lines standing on the horizon.
     for k in range(7):
         xc = vx + aspect * _u(gen, p, -0.35, 0.35)
@@ -164,10 +184,8 @@ def _layout_chunk(n: int, size: tuple[int, int], gen: torch.Generator) -> tuple[
         active = _bern(gen, p, 0.8).float()
         is_tree = _bern(gen, p, 0.3)
         hw_rect = half_w * rows(horizon - top, horizon + 0.02)
-        hw = torch.where(is_tree, ellipse_hw(horizon, half_w, top), hw_rect) * active
-        cls = torch.where(is_tree, VEGETATION, BUILDING).to(torch.uint8)
-        mask = (xs - xc).abs() < hw
-        _blend_(labels, mask, cls)
+        mask = centred(xc, torch.where(is_tree, ellipse_hw(horizon, half_w, top), hw_rect) * active)
+        _blend_(labels, mask, torch.where(is_tree, VEGETATION, BUILDING).to(torch.int16))
         _blend_(inst, mask, _SKYLINE_ID0 + k)
 
     # Facades along both sides of the street: vertical planes on the outer sidewalk edges. Column x hits
@@ -184,30 +202,30 @@ def _layout_chunk(n: int, size: tuple[int, int], gen: torch.Generator) -> tuple[
         is_veg = _bern(gen, (n, _N_SEG), 0.22)
         height = torch.where(is_veg, _u(gen, (n, _N_SEG), 1.1, 2.2), _u(gen, (n, _N_SEG), 1.8, 5.5))
         seg_h = height.gather(1, seg).view(n, 1, ww)
-        cls = torch.where(is_veg.gather(1, seg), VEGETATION, BUILDING).to(torch.uint8).view(n, 1, ww)
+        cls = torch.where(is_veg.gather(1, seg), VEGETATION, BUILDING).to(torch.int16).view(n, 1, ww)
         top = torch.where(valid, horizon - (seg_h - 1.0) * dd, 10.0)
-        mask = ys >= top
+        mask = _lt(q(top) - 1, ys_q)  # y >= top
         _blend_(labels, mask, cls)
-        _blend_(inst, mask, (_FACADE_ID0 + side_i * _N_SEG + seg).to(torch.uint8).view(n, 1, ww))
+        _blend_(inst, mask, (_FACADE_ID0 + side_i * _N_SEG + seg).to(torch.int16).view(n, 1, ww))
 
     # Ground: sidewalks flanking the road below the horizon.
     d = (ys - horizon).clamp(min=0.0)  # (n,H,1)
-    dx = xs - (vx + shift * d)  # (n,H,W) offset from the road centre line
-    walk = (dx > -(rw + sw[0]) * d) & (dx < (rw + sw[1]) * d)
-    road = dx.abs() < rw * d
+    dx = xs_q - q(vx + shift * d)  # (n,H,W) offset from the road centre line
+    walk = _lt(q(-(rw + sw[0]) * d), dx) * _lt(dx, q((rw + sw[1]) * d))
+    road = _lt(dx.abs_(), q(rw * d))
     _blend_(labels, walk, SIDEWALK)
     _blend_(labels, road, ROAD)
     _blend_(inst, walk, 0)
 
     # Standing objects, composited with a z-buffer on quantised ground depth (larger = closer).
-    zbuf = torch.zeros((n, hh, ww), dtype=torch.uint8)
+    zbuf = torch.zeros((n, hh, ww), dtype=torch.int16)
     ground = 1.0 - horizon  # depth of the bottom image row
     next_id = 1
 
-    def paint(mask: torch.Tensor, dep: torch.Tensor, cls: int) -> torch.Tensor:
+    def paint(shape: torch.Tensor, dep: torch.Tensor, cls: int) -> torch.Tensor:
         nonlocal next_id
-        dq = (dep * 370.0 + 1.0).clamp(max=255.0).to(torch.uint8)
-        m = mask & (zbuf < dq)
+        dq = (dep * 10000.0).round_().to(torch.int16) + 1
+        m = shape.mul_(_lt(zbuf, dq))
         _blend_(labels, m, cls)
         _blend_(inst, m, next_id)
         _blend_(zbuf, m, dq)
@@ -230,8 +248,7 @@ def _layout_chunk(n: int, size: tuple[int, int], gen: torch.Generator) -> tuple[
         r = _u(gen, p, 0.35, 0.6) * dep
         trunk = (0.04 * dep).clamp(min=0.6 * px) * rows(y0 - trunk_h, y0)
         crown = ellipse_hw(y0 - trunk_h - 0.6 * r, r, 1.15 * r)
-        hw = torch.maximum(trunk, crown) * _bern(gen, p, 0.6).float()
-        paint((xs - x0).abs() < hw, dep, VEGETATION)
+        paint(centred(x0, torch.maximum(trunk, crown) * _bern(gen, p, 0.6).float()), dep, VEGETATION)
 
     # Poles (street lights / sign posts) near the kerb, with a lamp arm over the road or a sign plate.
     for _ in range(4):
@@ -242,13 +259,13 @@ def _layout_chunk(n: int, size: tuple[int, int], gen: torch.Generator) -> tuple[
         half = (0.022 * dep).clamp(min=0.55 * px)
         plate_y = top + _u(gen, p, 0.1, 0.6) * (y0 - top)
         plate = 0.11 * dep * rows(plate_y - 0.07 * dep, plate_y + 0.07 * dep) * _bern(gen, p, 0.3).float()
-        centred = torch.maximum(half * rows(top, y0), plate)
+        mid = torch.maximum(half * rows(top, y0), plate)
         arm = _u(gen, p, 0.25, 0.5) * dep * rows(top - half, top + half) * _bern(gen, p, 0.5).float()
         active = _bern(gen, p, 0.8).float()
-        lo = torch.minimum(-centred, torch.where(s > 0, -arm, 0.0)) * active  # the arm points to the road
-        hi = torch.maximum(centred, torch.where(s < 0, arm, 0.0)) * active
-        dxo = xs - x0
-        paint((dxo > lo) & (dxo < hi), dep, POLE)
+        lo = torch.minimum(-mid, torch.where(s > 0, -arm, 0.0)) * active  # the arm points to the road
+        hi = torch.maximum(mid, torch.where(s < 0, arm, 0.0)) * active
+        dxo = xs_q - q(x0)
+        paint(_lt(q(lo), dxo).mul_(_lt(dxo, q(hi))), dep, POLE)
 
     # Persons on the sidewalks: legs, torso ellipse, head.
     for _ in range(6):
@@ -262,7 +279,7 @@ def _layout_chunk(n: int, size: tuple[int, int], gen: torch.Generator) -> tuple[
         head_r = (0.085 * ph).clamp(min=0.6 * px)
         head = ellipse_hw(y0 - 0.91 * ph, head_r, head_r)
         hw = torch.maximum(torch.maximum(legs, torso), head) * _bern(gen, p, 0.65).float()
-        paint((xs - x0).abs() < hw, dep, PERSON)
+        paint(centred(x0, hw), dep, PERSON)
 
     # Cars on the road, seen from behind: body, tapered cabin, wheels; rear window and lights are
     # marked with dedicated instance ids so that the renderer can draw them.
@@ -280,19 +297,21 @@ def _layout_chunk(n: int, size: tuple[int, int], gen: torch.Generator) -> tuple[
         body = 0.5 * w * rows(y0 - 0.6 * ch, wheel_top)
         wheel_rows = ((ys > wheel_top) & (ys <= y0)).float()
         hw = torch.maximum(torch.maximum(cabin, body), 0.47 * w * wheel_rows) * _bern(gen, p, 0.7).float()
-        hole = 0.25 * w * wheel_rows  # road visible between the wheels
-        dxa = (xs - x0).abs()
-        m = paint((dxa < hw) & (dxa >= hole), dep, CAR)
-        window = (dxa < 0.24 * w * rows(y0 - 0.93 * ch, y0 - 0.68 * ch)) & m
+        dxa = (xs_q - q(x0)).abs()
+        not_hole = _lt(q(0.25 * w * wheel_rows) - 1, dxa)  # road visible between the wheels
+        m = paint(_lt(dxa, q(hw)).mul_(not_hole), dep, CAR)
+        window = _lt(dxa, q(0.24 * w * rows(y0 - 0.93 * ch, y0 - 0.68 * ch))).mul_(m)
         lights_rows = rows(y0 - 0.56 * ch, y0 - 0.42 * ch)
-        lights = (dxa < 0.46 * w * lights_rows) & (dxa >= 0.3 * w * lights_rows) & m
+        lights = _lt(dxa, q(0.46 * w * lights_rows)).mul_(_lt(q(0.3 * w * lights_rows) - 1, dxa)).mul_(m)
         _blend_(inst, window, _CAR_WINDOW_ID)
         _blend_(inst, lights, _CAR_LIGHT_ID)
 
-    return labels, inst
+    return labels.to(torch.uint8), inst.to(torch.uint8)
 
 
-def _generate(num: int, size: tuple[int, int], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _generate(
+    num: int, size: tuple[int, int], generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels (num,H,W) int64 plus instance ids (num,H,W) uint8. Instances let :func:`render` colour each
     object individually and draw car details."""
     size = (int(size[0]), int(size[1]))
@@ -318,7 +337,7 @@ def generate_layouts(num: int, size: tuple[int, int], generator: torch.Generator
 # amplitudes: smooth noise, fine noise, and a domain-specific channel (sky gradient in the source, wetness
 # in the target). One gather per image batch is much cheaper than per-class masking.
 _N_KEYS = NUM_CLASSES * 256
-_DECO_WINDOW, _DECO_LANE, _DECO_JOINT = _N_KEYS, _N_KEYS + 1, _N_KEYS + 2
+_DECO_WINDOW, _DECO_LIT, _DECO_LANE, _DECO_JOINT = _N_KEYS, _N_KEYS + 1, _N_KEYS + 2, _N_KEYS + 3
 _N_TABLE = _N_KEYS + 4
 
 
@@ -339,14 +358,14 @@ _SRC_BASE = _rgb(
 )
 _SRC_BUILDING_HUES = _rgb((0.80, 0.64, 0.46), (0.72, 0.36, 0.28), (0.86, 0.82, 0.74), (0.62, 0.66, 0.72))
 _TGT_BASE = _rgb(
-    (0.80, 0.66, 0.60),  # sky: hazy dusk glow, still the brightest region
-    (0.20, 0.22, 0.30),  # building: dark blue-grey
-    (0.19, 0.30, 0.15),  # vegetation: dark olive
-    (0.30, 0.29, 0.31),  # road: wet asphalt
-    (0.30, 0.29, 0.31),  # sidewalk: *same* as road (the ambiguous pair)
-    (0.30, 0.26, 0.28),  # car (mixed with desaturated per-object colours)
-    (0.16, 0.15, 0.17),  # person: dark clothing
-    (0.11, 0.11, 0.12),  # pole: dark silhouette
+    (0.52, 0.68, 0.95),  # sky: hazy blue, still the brightest region
+    (0.60, 0.46, 0.34),  # building: darker brown brick
+    (0.20, 0.42, 0.16),  # vegetation: dark olive
+    (0.33, 0.32, 0.35),  # road: wet asphalt
+    (0.33, 0.32, 0.35),  # sidewalk: *same* as road (the ambiguous pair)
+    (0.35, 0.30, 0.32),  # car (mixed with desaturated per-object colours)
+    (0.24, 0.22, 0.24),  # person: dark clothing (mixed with muted per-object colours)
+    (0.42, 0.42, 0.46),  # pole: grey metal
 )
 # Per class: share of the per-object random colour, per-instance brightness jitter, smooth-noise amplitude,
 # fine-noise amplitude, and the domain-specific third amplitude.
@@ -364,18 +383,18 @@ _SRC_AMP = torch.tensor(
         [0.04, 0.01, 0.0],
     ]
 )
-_TGT_MIX = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.6, 0.3, 0.0])
+_TGT_MIX = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.6, 0.6, 0.0])
 _TGT_JIT = torch.tensor([0.0, 0.4, 0.3, 0.0, 0.0, 0.2, 0.2, 0.1])
 _TGT_AMP = torch.tensor(
     [  # lf, hf, wetness (puddles)
-        [0.06, 0.02, 0.0],
-        [0.10, 0.10, 0.0],
-        [0.15, 0.35, 0.0],
-        [0.16, 0.18, 1.0],
-        [0.16, 0.18, 1.0],
-        [0.08, 0.06, 0.0],
-        [0.08, 0.08, 0.0],
-        [0.05, 0.04, 0.0],
+        [0.06, 0.01, 0.0],
+        [0.10, 0.06, 0.0],
+        [0.15, 0.22, 0.0],
+        [0.16, 0.12, 1.0],
+        [0.16, 0.12, 1.0],
+        [0.08, 0.04, 0.0],
+        [0.08, 0.05, 0.0],
+        [0.05, 0.03, 0.0],
     ]
 )
 
@@ -387,7 +406,12 @@ def _saturate(c: torch.Tensor, amount: float) -> torch.Tensor:
 
 
 def _table(
-    base: torch.Tensor, mix: torch.Tensor, jit: torch.Tensor, amp: torch.Tensor, obj: torch.Tensor, gen: torch.Generator
+    base: torch.Tensor,
+    mix: torch.Tensor,
+    jit: torch.Tensor,
+    amp: torch.Tensor,
+    obj: torch.Tensor,
+    gen: torch.Generator,
 ) -> torch.Tensor:
     """Per-image appearance table (n, 6, _N_TABLE): rows = label*256+instance (+ decoration rows, filled in
     by the caller), columns = RGB + 3 texture amplitudes."""
@@ -451,20 +475,23 @@ def _lane_markings(labels: torch.Tensor, horizon: torch.Tensor, gen: torch.Gener
 
 
 def _blur(img: torch.Tensor) -> torch.Tensor:
-    """Slight separable [1,2,1]/4 blur with edge replication (camera optics); in-place slice adds are much
-    faster than a depthwise conv on CPU."""
+    """Slight separable [w, 1-2w, w] blur (w = 0.18, sigma ~0.6 px) with edge replication (camera optics);
+    in-place slice adds are much faster than a depthwise conv on CPU."""
+    w = 0.18
     for dim in (-1, -2):
         size = img.shape[dim]
-        out = img * 0.5
-        out.narrow(dim, 1, size - 1).add_(img.narrow(dim, 0, size - 1), alpha=0.25)
-        out.narrow(dim, 0, size - 1).add_(img.narrow(dim, 1, size - 1), alpha=0.25)
-        out.narrow(dim, 0, 1).add_(img.narrow(dim, 0, 1), alpha=0.25)
-        out.narrow(dim, size - 1, 1).add_(img.narrow(dim, size - 1, 1), alpha=0.25)
+        out = img * (1.0 - 2.0 * w)
+        out.narrow(dim, 1, size - 1).add_(img.narrow(dim, 0, size - 1), alpha=w)
+        out.narrow(dim, 0, size - 1).add_(img.narrow(dim, 1, size - 1), alpha=w)
+        out.narrow(dim, 0, 1).add_(img.narrow(dim, 0, 1), alpha=w)
+        out.narrow(dim, size - 1, 1).add_(img.narrow(dim, size - 1, 1), alpha=w)
         img = out
     return img
 
 
-def _render_source(labels: torch.Tensor, instances: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
+def _render_source(
+    labels: torch.Tensor, instances: torch.Tensor | None, gen: torch.Generator
+) -> torch.Tensor:
     """Daytime 'game' look: bright saturated colours with simple, clean textures; sharp, little noise."""
     n, hh, ww = labels.shape
     size = (hh, ww)
@@ -481,7 +508,9 @@ def _render_source(labels: torch.Tensor, instances: torch.Tensor | None, gen: to
     table[:, _DECO_WINDOW, :3] = _rgb((0.22, 0.32, 0.48)) + 0.05 * torch.randn((n, 3), generator=gen)
     table[:, _DECO_WINDOW, 3] = 0.05
     lane_yellow = _bern(gen, (n, 1), 0.25).float()
-    table[:, _DECO_LANE, :3] = _rgb((0.95, 0.95, 0.92)) * (1 - lane_yellow) + _rgb((0.95, 0.8, 0.2)) * lane_yellow
+    table[:, _DECO_LANE, :3] = (
+        _rgb((0.95, 0.95, 0.92)) * (1 - lane_yellow) + _rgb((0.95, 0.8, 0.2)) * lane_yellow
+    )
     table[:, _DECO_JOINT] = table[:, SIDEWALK * 256]
     table[:, _DECO_JOINT, :3] *= 0.82
 
@@ -507,7 +536,9 @@ def _render_source(labels: torch.Tensor, instances: torch.Tensor | None, gen: to
     return (col * lum).clamp_(0.0, 1.0)
 
 
-def _render_target(labels: torch.Tensor, instances: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
+def _render_target(
+    labels: torch.Tensor, instances: torch.Tensor | None, gen: torch.Generator
+) -> torch.Tensor:
     """Dusk + fog 'real camera' look. Road and sidewalk are drawn from one identical distribution."""
     n, hh, ww = labels.shape
     size = (hh, ww)
@@ -515,26 +546,28 @@ def _render_target(labels: torch.Tensor, instances: torch.Tensor | None, gen: to
     horizon = _horizon(labels)
 
     # Colour cast (bluish or orange dusk): applied to the scene and the airlight alike.
-    cast = torch.where(_bern(gen, (n, 1), 0.5), _rgb((0.85, 0.95, 1.15)), _rgb((1.15, 0.95, 0.8)))
-    cast = cast + 0.04 * torch.randn((n, 3), generator=gen)
+    cast = torch.where(_bern(gen, (n, 1), 0.5), _rgb((0.88, 0.96, 1.12)), _rgb((1.12, 0.96, 0.84)))
+    cast = cast + 0.03 * torch.randn((n, 3), generator=gen)
 
-    base = _TGT_BASE * _u(gen, (n, 1, 1), 0.85, 1.15) + 0.03 * torch.randn((n, NUM_CLASSES, 3), generator=gen)
+    base = _TGT_BASE * _u(gen, (n, 1, 1), 0.85, 1.1) + 0.03 * torch.randn((n, NUM_CLASSES, 3), generator=gen)
     base[:, SIDEWALK] = base[:, ROAD]  # the same per-image colour for the ambiguous pair
-    obj = 0.5 * _saturate(torch.rand((n, 256, 3), generator=gen), 0.5)  # desaturated, darker objects
+    obj = 0.65 * _saturate(torch.rand((n, 256, 3), generator=gen), 0.6)  # desaturated, darker objects
     table = _table(base.clamp(0, 1), _TGT_MIX, _TGT_JIT, _TGT_AMP, obj, gen)
     table[:, CAR * 256 + _CAR_WINDOW_ID, :3] = _rgb((0.1, 0.1, 0.12))
     table[:, CAR * 256 + _CAR_LIGHT_ID, :3] = _rgb((2.2, 0.45, 0.3))  # glowing through the fog
-    table[:, _DECO_WINDOW, :3] = _rgb((1.3, 1.0, 0.55)) * _u(gen, (n, 1), 0.5, 1.0)  # lit windows
+    table[:, _DECO_WINDOW, :3] = _rgb((0.18, 0.22, 0.32))  # dark windows
+    table[:, _DECO_LIT, :3] = _rgb((1.3, 1.0, 0.55)) * _u(gen, (n, 1), 0.6, 1.0)  # lit windows
     table[:, :, :3] *= cast[:, None, :]
 
     key = _keys(labels, instances)
-    # Sparse lit windows on dark facades: a cell grid with a random on/off table.
+    # Windows on a cell grid (other sizes than in the source); a random subset is lit.
     gx = xs / _u(gen, (n, 1, 1), 0.025, 0.05) + _u(gen, (n, 1, 1), 0, 1)
     gy = ys / _u(gen, (n, 1, 1), 0.03, 0.06) + _u(gen, (n, 1, 1), 0, 1)
     cell = (gy.floor().long() % 64) * 64 + (gx.floor().long() % 64)  # (n,H,W) via broadcasting
     lit = _bern(gen, (n, 64 * 64), 0.18).gather(1, cell.view(n, -1)).view(n, hh, ww)
-    inner = (torch.frac(gx) < 0.6) & (torch.frac(gy) < 0.6)
-    _blend_(key, lit & inner & (labels == BUILDING), _DECO_WINDOW)
+    window = (torch.frac(gx) < 0.6) & (torch.frac(gy) < 0.6) & (labels == BUILDING)
+    _blend_(key, window, _DECO_WINDOW)
+    _blend_(key, window & lit, _DECO_LIT)
 
     px = _lookup(table, key)
     col, a_lf, a_hf, a_wet = px[:, :3], px[:, 3:4], px[:, 4:5], px[:, 5:6]
@@ -542,14 +575,18 @@ def _render_target(labels: torch.Tensor, instances: torch.Tensor | None, gen: to
     # Smooth luminance variation, fine texture and a global illumination gradient in a random direction.
     theta = _u(gen, (n, 1, 1, 1), 0, 2 * math.pi)
     proj = (xs - 0.5 * ww / hh).unsqueeze(1) * torch.cos(theta) + (ys - 0.5).unsqueeze(1) * torch.sin(theta)
-    illum = 1.0 + _u(gen, (n, 1, 1, 1), 0.3, 0.6) * proj
-    lum = (1.0 + a_lf * _lowfreq(gen, n, 10, size) + a_hf * torch.randn((n, 1, hh, ww), generator=gen)) * illum
+    illum = 1.0 + _u(gen, (n, 1, 1, 1), 0.15, 0.35) * proj
+    lum = (
+        1.0 + a_lf * _lowfreq(gen, n, 10, size) + a_hf * torch.randn((n, 1, hh, ww), generator=gen)
+    ) * illum
     # Wet ground: puddles (weight p) reflecting the sky, on road *and* sidewalk alike.
     puddle = (_lowfreq(gen, n, 12, size) - 1.1).clamp(min=0.0, max=0.6) * a_wet
     sky = (base[:, SKY] * cast * 0.9).view(n, 3, 1, 1)
     # Fog: transmission t grows with image distance from the horizon (a proxy for scene distance).
-    airlight = ((_rgb((0.62, 0.56, 0.60)) + 0.05 * torch.randn((n, 3), generator=gen)) * cast).view(n, 3, 1, 1)
-    t_min = _u(gen, (n, 1, 1), 0.35, 0.55)
+    airlight = ((_rgb((0.74, 0.64, 0.64)) + 0.05 * torch.randn((n, 3), generator=gen)) * cast).view(
+        n, 3, 1, 1
+    )
+    t_min = _u(gen, (n, 1, 1), 0.55, 0.75)
     t = (t_min + (1 - t_min) * ((ys - horizon).abs() / 0.45).clamp(0, 1) ** 0.8).unsqueeze(1)  # (n,1,H,1)
     # ((col * lum) * (1 - p) + p * sky) * t + airlight * (1 - t), arranged to touch 3-channel tensors rarely.
     col = col * (lum * (1 - puddle) * t)
@@ -557,7 +594,7 @@ def _render_target(labels: torch.Tensor, instances: torch.Tensor | None, gen: to
     col += airlight * (1 - t)
 
     col = _blur(col)
-    sigma = _u(gen, (n, 1, 1, 1), 0.02, 0.045) * math.sqrt(12.0)  # uniform noise with std sigma
+    sigma = _u(gen, (n, 1, 1, 1), 0.01, 0.025) * math.sqrt(12.0)  # uniform noise with std sigma
     col += torch.rand(col.shape, generator=gen).sub_(0.5).mul_(sigma)
     return col.clamp_(0.0, 1.0)
 
@@ -580,7 +617,9 @@ def render(
     if instances is not None:
         instances = instances.cpu()
         if instances.shape != labels.shape:
-            raise ValueError(f"instances shape {tuple(instances.shape)} != labels shape {tuple(labels.shape)}")
+            raise ValueError(
+                f"instances shape {tuple(instances.shape)} != labels shape {tuple(labels.shape)}"
+            )
     n, hh, ww = labels.shape
     chunks = [
         fn(labels[i : i + _CHUNK], None if instances is None else instances[i : i + _CHUNK], generator)
