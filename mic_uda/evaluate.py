@@ -27,7 +27,9 @@ def load_module(ckpt_path: str | Path) -> L.LightningModule:
     """Rebuild the LightningModule class recorded in the checkpoint, with its weights, on the CPU."""
     path = Path(ckpt_path)
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={str(path)!r} does not exist (expected a .ckpt written by training)")
+        raise FileNotFoundError(
+            f"ckpt_path={str(path)!r} does not exist (expected a .ckpt written by training)"
+        )
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     target = ckpt.get("mic_uda_module")
     if target is None:
@@ -43,15 +45,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     callbacks = []
     if cfg.save_predictions:
         out = Path(cfg.paths.output_dir) / "predictions"
-        callbacks.append(SegPredictionWriter(out, cfg.data.palette, cfg.max_prediction_images, cfg.data.ignore_index))
+        callbacks.append(
+            SegPredictionWriter(out, cfg.data.palette, cfg.max_prediction_images, cfg.data.ignore_index)
+        )
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
     trainer.test(model, datamodule=datamodule, verbose=False)
     metrics = as_float_dict(trainer.callback_metrics)
     if trainer.is_global_zero:
         print(f"\nEvaluation of {cfg.ckpt_path} on {cfg.data.name}:")
         print(model.iou_table())
-        write_json(Path(cfg.paths.output_dir) / "metrics.json", {"metrics": metrics, "ckpt_path": str(cfg.ckpt_path),
-                                                                "data": cfg.data.name})
+        write_json(
+            Path(cfg.paths.output_dir) / "metrics.json",
+            {"metrics": metrics, "ckpt_path": str(cfg.ckpt_path), "data": cfg.data.name},
+        )
     return metrics
 
 

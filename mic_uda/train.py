@@ -47,9 +47,25 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
     return ckpt_path
 
 
+def validate_config(cfg: DictConfig) -> None:
+    """Fail in the first second on what would otherwise fail after data loading."""
+    parse_method(cfg.method)
+    weights = cfg.backbone.get("weights")
+    if weights and not Path(weights).is_file():
+        raise FileNotFoundError(
+            f"backbone.weights={weights!r} does not exist: put the ImageNet checkpoint of "
+            f"{cfg.backbone.get('encoder_name', 'the encoder')} there or set backbone.weights=null "
+            "(from scratch). "
+            "Nothing is downloaded."
+        )
+    if cfg.trainer.get("accelerator") == "gpu" and not torch.cuda.is_available():
+        raise RuntimeError("trainer.accelerator=gpu but no CUDA device is visible; use trainer=cpu")
+
+
 @task_wrapper
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train on source (+ unlabelled target), then evaluate on the target split; returns metrics."""
+    validate_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     with open_dict(cfg):
         cfg.tags = sorted({*cfg.get("tags", []), cfg.task.name, cfg.data.name, cfg.method.name})
@@ -65,7 +81,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     metrics: dict[str, float] = {}
     if cfg.get("train"):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir))
+        trainer.fit(
+            model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
+        )
         metrics.update(as_float_dict(trainer.callback_metrics))
     if cfg.get("test") and not trainer.fast_dev_run:
         trainer.test(model, datamodule=datamodule, verbose=False)  # the final weights, not a "best" pick
@@ -74,10 +92,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             print(f"\nTarget evaluation ({cfg.data.name}, {cfg.method.name}, seed {cfg.seed}):")
             print(model.iou_table())
     if trainer.is_global_zero:
-        write_json(Path(cfg.paths.output_dir) / "metrics.json", {
-            "metrics": metrics, "data": cfg.data.name, "method": cfg.method.name, "seed": cfg.seed,
-            "backbone": cfg.backbone.get("encoder_name", "?"), "max_steps": cfg.trainer.max_steps,
-        })
+        write_json(
+            Path(cfg.paths.output_dir) / "metrics.json",
+            {
+                "metrics": metrics,
+                "data": cfg.data.name,
+                "method": cfg.method.name,
+                "seed": cfg.seed,
+                "backbone": cfg.backbone.get("encoder_name", "?"),
+                "max_steps": cfg.trainer.max_steps,
+            },
+        )
     return metrics
 
 

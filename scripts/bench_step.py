@@ -51,13 +51,13 @@ class StepTimer(L.Callback):
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._sync(trainer)
         if batch_idx == self.warmup and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         self._t = time.perf_counter()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._sync(trainer)
         if batch_idx >= self.warmup:
             self.times.append(time.perf_counter() - self._t)
@@ -72,22 +72,45 @@ def time_mic_uda(args: argparse.Namespace, device: str) -> tuple[list[float], fl
     from lightning.pytorch.utilities import CombinedLoader
 
     loader = CombinedLoader(
-        {"source": DataLoader(Repeat(src, steps * b), batch_size=b), "target": DataLoader(Repeat(tgt, steps * b), batch_size=b)},
+        {
+            "source": DataLoader(Repeat(src, steps * b), batch_size=b),
+            "target": DataLoader(Repeat(tgt, steps * b), batch_size=b),
+        },
         mode="max_size_cycle",
     )
     module = SegUDAModule(
-        net={"_target_": "mic_uda.models.smp_net.SmpSegNet", "arch": "Segformer", "encoder_name": args.encoder},
-        method={"name": "mic", "mix": {"weight": 1.0}, "mic": {"block_size": 64, "ratio": 0.7, "weight": 1.0},
-                "teacher": {"alpha": 0.999, "bn": args.teacher_bn}, "student_bn": args.student_bn},
-        num_classes=c, class_names=[f"c{i}" for i in range(c)],
+        net={
+            "_target_": "mic_uda.models.smp_net.SmpSegNet",
+            "arch": "Segformer",
+            "encoder_name": args.encoder,
+        },
+        method={
+            "name": "mic",
+            "mix": {"weight": 1.0},
+            "mic": {"block_size": 64, "ratio": 0.7, "weight": 1.0},
+            "teacher": {"alpha": 0.999, "bn": args.teacher_bn},
+            "student_bn": args.student_bn,
+        },
+        num_classes=c,
+        class_names=[f"c{i}" for i in range(c)],
         optimizer={"_target_": "torch.optim.AdamW", "lr": 6e-5, "weight_decay": 0.01},
-        scheduler={"warmup_steps": 10, "max_steps": steps}, param_group_keys={}, seed=0,
+        scheduler={"warmup_steps": 10, "max_steps": steps},
+        param_group_keys={},
+        seed=0,
     )
     timer = StepTimer(args.warmup)
     trainer = L.Trainer(
-        accelerator=device, devices=1, precision=args.precision, max_steps=steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
-        limit_val_batches=0, num_sanity_val_steps=0,
+        accelerator=device,
+        devices=1,
+        precision=args.precision,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
     )
     trainer.fit(module, train_dataloaders=loader)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
@@ -120,12 +143,19 @@ def main() -> None:
     anchor_ms = min(anchor_ms_before, anchor_ms_after, anchor["res"]["uda_ms"])
     result = {
         "device": torch.cuda.get_device_name() if gpu else f"cpu x{torch.get_num_threads()} threads",
-        "encoder": args.encoder, "size": args.size, "batch": f"{args.batch}+{args.batch}", "precision": args.precision,
-        "anchor_uda_ms": round(anchor_ms, 1), "anchor_uda_ms_runs": [round(x, 1) for x in
-                                                                    (anchor["res"]["uda_ms"], anchor_ms_before, anchor_ms_after)],
-        "mic_uda_ms_median": round(ours_ms, 1), "mic_uda_ms_min": round(min(times) * 1e3, 1),
+        "encoder": args.encoder,
+        "size": args.size,
+        "batch": f"{args.batch}+{args.batch}",
+        "precision": args.precision,
+        "anchor_uda_ms": round(anchor_ms, 1),
+        "anchor_uda_ms_runs": [
+            round(x, 1) for x in (anchor["res"]["uda_ms"], anchor_ms_before, anchor_ms_after)
+        ],
+        "mic_uda_ms_median": round(ours_ms, 1),
+        "mic_uda_ms_min": round(min(times) * 1e3, 1),
         "ratio_median_over_anchor": round(ours_ms / anchor_ms, 3),
-        "anchor_peak_GiB": anchor["res"]["uda_peak_GiB"], "mic_uda_peak_GiB": peak,
+        "anchor_peak_GiB": anchor["res"]["uda_peak_GiB"],
+        "mic_uda_peak_GiB": peak,
         "process_max_rss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
     print(json.dumps(result, indent=1))

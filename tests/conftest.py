@@ -51,8 +51,9 @@ def compose_cfg(config_name: str, overrides: Sequence[str], output_dir: Path) ->
 
 @pytest.fixture
 def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
-    def _make(overrides: Sequence[str] = (), config_name: str = "train", tiny: bool = True,
-              out: Path | None = None) -> DictConfig:
+    def _make(
+        overrides: Sequence[str] = (), config_name: str = "train", tiny: bool = True, out: Path | None = None
+    ) -> DictConfig:
         base = TINY_SEG if (tiny and config_name == "train") else []
         return compose_cfg(config_name, [*base, *overrides], out or tmp_path / "run")
 

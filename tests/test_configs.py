@@ -12,7 +12,18 @@ from mic_uda.tasks.method import parse_method
 from mic_uda.train import build_datamodule, train
 from mic_uda.utils.hydra_utils import CONFIG_DIR
 
-GROUPS = ["task", "data", "backbone", "method", "trainer", "logger", "callbacks", "paths", "debug", "experiment"]
+GROUPS = [
+    "task",
+    "data",
+    "backbone",
+    "method",
+    "trainer",
+    "logger",
+    "callbacks",
+    "paths",
+    "debug",
+    "experiment",
+]
 
 
 def options(group: str) -> list[str]:
@@ -60,3 +71,9 @@ def test_missing_dataset_root_names_path_and_layout(make_cfg, tmp_path: Path) ->
         dm.setup("fit")
     msg = str(err.value)
     assert str(tmp_path / "nowhere" / "gta" / "images") in msg and "labels/*.png" in msg
+
+
+def test_missing_weights_file_fails_before_training(make_cfg, tmp_path: Path) -> None:
+    missing = tmp_path / "mit_b0.pth"
+    with pytest.raises(FileNotFoundError, match=r"mit_b0\.pth.*Nothing is downloaded"):
+        train(make_cfg([f"backbone.weights={missing}"]))

@@ -27,9 +27,16 @@ def test_train_then_evaluate(method: str, make_cfg, tmp_path: Path) -> None:
     assert (out / "csv" / "metrics.csv").is_file()
 
     ecfg = make_cfg(
-        [f"ckpt_path={ckpt}", "data.size=32", "data.datamodule.val.num_images=4", "save_predictions=true",
-         "trainer=cpu", "+trainer.enable_progress_bar=false"],
-        config_name="eval", out=tmp_path / "eval",
+        [
+            f"ckpt_path={ckpt}",
+            "data.size=32",
+            "data.datamodule.val.num_images=4",
+            "save_predictions=true",
+            "trainer=cpu",
+            "+trainer.enable_progress_bar=false",
+        ],
+        config_name="eval",
+        out=tmp_path / "eval",
     )
     emetrics = evaluate(ecfg)
     # the final weights evaluated again on the same split give the same numbers
@@ -38,7 +45,9 @@ def test_train_then_evaluate(method: str, make_cfg, tmp_path: Path) -> None:
 
 
 def test_same_seed_same_metrics_other_seed_differs(make_cfg, tmp_path: Path) -> None:
-    runs = [train(make_cfg(["method=mic", f"seed={s}"], out=tmp_path / f"r{i}")) for i, s in enumerate((1, 1, 2))]
+    runs = [
+        train(make_cfg(["method=mic", f"seed={s}"], out=tmp_path / f"r{i}")) for i, s in enumerate((1, 1, 2))
+    ]
     keys = ["test/mIoU", "train/loss_mic", "train/loss_mix", "val/teacher/mIoU"]
     assert [runs[0][k] for k in keys] == [runs[1][k] for k in keys]
     assert [runs[0][k] for k in keys] != [runs[2][k] for k in keys]

@@ -134,8 +134,9 @@ def test_ema_buffers_only_when_asked() -> None:
 
 
 def test_copy_weights_copies_everything() -> None:
-    student, teacher = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), nn.Sequential(
-        nn.Linear(2, 2), nn.BatchNorm1d(2)
+    student, teacher = (
+        nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)),
+        nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)),
     )
     student[1].running_var.fill_(3.0)
     copy_weights(teacher, student)

@@ -68,7 +68,12 @@ class UDADataModule(L.LightningDataModule):
         **info: Any,
     ) -> None:
         super().__init__()
-        self.cfgs = {"source": source, "target": target, "val": val, "test": test if test is not None else val}
+        self.cfgs = {
+            "source": source,
+            "target": target,
+            "val": val,
+            "test": test if test is not None else val,
+        }
         self.batch_size, self.target_batch_size = batch_size, target_batch_size or batch_size
         self.val_batch_size, self.num_workers = val_batch_size, num_workers
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers and num_workers > 0

@@ -20,12 +20,46 @@ IGNORE = 255
 
 # Cityscapes label ids -> the 19 train ids (everything else -> 255); GTA5 uses the same ids.
 CITYSCAPES_ID_TO_TRAIN_ID: dict[int, int] = {
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
-    27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    19: 6,
+    20: 7,
+    21: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    31: 16,
+    32: 17,
+    33: 18,
 }
 CITYSCAPES_CLASSES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
-    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
 )
 
 
@@ -86,7 +120,8 @@ class PairedSegDataset(Dataset):
         bad = (label != IGNORE) & ((label < 0) | (label >= self.num_classes))
         if bad.any():
             raise ValueError(
-                f"{path}: label ids {sorted(label[bad].unique().tolist())[:10]} outside 0..{self.num_classes - 1} "
+                f"{path}: label ids {sorted(label[bad].unique().tolist())[:10]} outside "
+                f"0..{self.num_classes - 1} "
                 f"(and {IGNORE} = ignore); check the dataset's label mapping"
             )
         return label
@@ -100,8 +135,10 @@ class PairedSegDataset(Dataset):
         image = image.float().div_(255)
         label = self._read_label(lbl_path) if lbl_path is not None else None
         if label is not None and label.shape != image.shape[-2:]:
-            raise ValueError(f"{lbl_path}: label size {tuple(label.shape)} != image size {tuple(image.shape[-2:])}"
-                             f" of {img_path}")
+            raise ValueError(
+                f"{lbl_path}: label size {tuple(label.shape)} != image size {tuple(image.shape[-2:])}"
+                f" of {img_path}"
+            )
         if self.resize is not None:
             w, h = self.resize
             image = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False)[0]
@@ -118,7 +155,9 @@ class PairedSegDataset(Dataset):
         return out
 
 
-def random_crop(image: torch.Tensor, label: torch.Tensor | None, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def random_crop(
+    image: torch.Tensor, label: torch.Tensor | None, size: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     h, w = image.shape[-2:]
     if h < size or w < size:
         raise ValueError(f"crop_size {size} is larger than the (resized) image {h}x{w}")
@@ -130,7 +169,9 @@ def random_crop(image: torch.Tensor, label: torch.Tensor | None, size: int) -> t
     return image, label
 
 
-def _pairs_by_stem(images: list[Path], label_for: callable, with_labels: bool, what: str) -> list[tuple[Path, Path | None]]:
+def _pairs_by_stem(
+    images: list[Path], label_for: callable, with_labels: bool, what: str
+) -> list[tuple[Path, Path | None]]:
     pairs = []
     for img in images:
         lbl = label_for(img) if with_labels else None
@@ -146,8 +187,14 @@ GTA5_LAYOUT = "<root>/images/*.png and <root>/labels/*.png (same file names; Cit
 class GTA5(PairedSegDataset):
     """GTA5 (Richter et al.): ``images/*.png``, ``labels/*.png`` with Cityscapes ids -> 19 train ids."""
 
-    def __init__(self, root: str | Path, with_labels: bool = True, resize: Sequence[int] | None = (1280, 720),
-                 crop_size: int | None = 512, hflip: bool = False) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        with_labels: bool = True,
+        resize: Sequence[int] | None = (1280, 720),
+        crop_size: int | None = 512,
+        hflip: bool = False,
+    ) -> None:
         root = Path(root)
         img_dir = require_dir(root / "images", "GTA5", GTA5_LAYOUT)
         require_dir(root / "labels", "GTA5", GTA5_LAYOUT)
@@ -168,23 +215,40 @@ class Cityscapes(PairedSegDataset):
     """Cityscapes: ``leftImg8bit/<split>/<city>/*``; labels ``*_labelTrainIds.png`` or ``*_labelIds.png``
     (mapped on the fly). Default recipe: 2048x1024 -> 1024x512, 512 crops for training."""
 
-    def __init__(self, root: str | Path, split: str = "train", with_labels: bool = True,
-                 resize: Sequence[int] | None = (1024, 512), crop_size: int | None = 512, hflip: bool = False) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        with_labels: bool = True,
+        resize: Sequence[int] | None = (1024, 512),
+        crop_size: int | None = 512,
+        hflip: bool = False,
+    ) -> None:
         root = Path(root)
         img_dir = require_dir(root / "leftImg8bit" / split, "Cityscapes", CITYSCAPES_LAYOUT)
         images = sorted(img_dir.glob("*/*_leftImg8bit.png"))
         if not images:
-            raise FileNotFoundError(f"Cityscapes: no */*_leftImg8bit.png in '{img_dir}'. Expected: {CITYSCAPES_LAYOUT}")
+            raise FileNotFoundError(
+                f"Cityscapes: no */*_leftImg8bit.png in '{img_dir}'. Expected: {CITYSCAPES_LAYOUT}"
+            )
         mapping = None
         if with_labels:
             require_dir(root / "gtFine" / split, "Cityscapes", CITYSCAPES_LAYOUT)
-            probe = root / "gtFine" / split / images[0].parent.name / images[0].name.replace(
-                "_leftImg8bit.png", "_gtFine_labelTrainIds.png")
+            probe = (
+                root
+                / "gtFine"
+                / split
+                / images[0].parent.name
+                / images[0].name.replace("_leftImg8bit.png", "_gtFine_labelTrainIds.png")
+            )
             suffix = "_gtFine_labelTrainIds.png" if probe.is_file() else "_gtFine_labelIds.png"
             mapping = None if probe.is_file() else CITYSCAPES_ID_TO_TRAIN_ID
         else:
             suffix = ""
         pairs = _pairs_by_stem(
-            images, lambda p: root / "gtFine" / split / p.parent.name / p.name.replace("_leftImg8bit.png", suffix),
-            with_labels, "Cityscapes")
+            images,
+            lambda p: root / "gtFine" / split / p.parent.name / p.name.replace("_leftImg8bit.png", suffix),
+            with_labels,
+            "Cityscapes",
+        )
         super().__init__(pairs, 19, mapping, resize, crop_size, hflip, name=f"Cityscapes/{split}")

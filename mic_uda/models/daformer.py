@@ -196,7 +196,6 @@ class DAFormerNet(nn.Module):
         load_encoder_weights_into(self.encoder, path, self.encoder_name)
 
 
-
 def load_encoder_weights_into(encoder: nn.Module, path: str | os.PathLike, encoder_name: str) -> None:
     """Load a local encoder checkpoint into any smp encoder after a strict, explained key check."""
     path = Path(path)

@@ -24,12 +24,20 @@ class SmpSegNet(nn.Module):
     ``decoder``/``segmentation_head`` as the 10x learning-rate keys (``task.module.param_group_keys``).
     """
 
-    def __init__(self, num_classes: int, arch: str = "Segformer", encoder_name: str = "mit_b0",
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        arch: str = "Segformer",
+        encoder_name: str = "mit_b0",
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        **kwargs: Any,
+    ) -> None:
         super().__init__()
         self.encoder_name = encoder_name
-        self.model = smp.create_model(arch, encoder_name=encoder_name, encoder_weights=None, classes=num_classes,
-                                      **kwargs)
+        self.model = smp.create_model(
+            arch, encoder_name=encoder_name, encoder_weights=None, classes=num_classes, **kwargs
+        )
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), False)
 

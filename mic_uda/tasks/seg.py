@@ -56,7 +56,11 @@ class SegUDAModule(L.LightningModule):
     ) -> None:
         super().__init__()
         net, method = _plain(net), _plain(method)
-        optimizer, scheduler, param_group_keys = _plain(optimizer), _plain(scheduler), _plain(param_group_keys)
+        optimizer, scheduler, param_group_keys = (
+            _plain(optimizer),
+            _plain(scheduler),
+            _plain(param_group_keys),
+        )
         class_names, palette = list(class_names), _plain(palette)
         if len(class_names) != num_classes:
             raise ValueError(f"data.class_names has {len(class_names)} names but num_classes={num_classes}")
@@ -117,7 +121,9 @@ class SegUDAModule(L.LightningModule):
         sup = tgt if m.needs_target_labels else src
         logs: dict[str, torch.Tensor] = {}
 
-        loss = weighted_cross_entropy(self.student(sup["image"]), sup["label"], ignore_index=self.ignore_index)
+        loss = weighted_cross_entropy(
+            self.student(sup["image"]), sup["label"], ignore_index=self.ignore_index
+        )
         self.manual_backward(loss)
         logs["train/loss_sup"] = loss.detach()
 
@@ -140,7 +146,10 @@ class SegUDAModule(L.LightningModule):
         if self.teacher is not None:
             logs["train/ema_alpha"] = torch.tensor(
                 ema_update(
-                    self.teacher, self.student, self.global_step, self.method.teacher.alpha,
+                    self.teacher,
+                    self.student,
+                    self.global_step,
+                    self.method.teacher.alpha,
                     average_buffers=self.method.teacher.bn == "running",
                 )
             )
@@ -148,8 +157,14 @@ class SegUDAModule(L.LightningModule):
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False)
         self.log("train/loss", sum(v for k, v in logs.items() if k.startswith("train/loss_")), prog_bar=True)
 
-    def _mix_term(self, src: Mapping[str, torch.Tensor], x_t: torch.Tensor, pl: torch.Tensor,
-                  weight: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def _mix_term(
+        self,
+        src: Mapping[str, torch.Tensor],
+        x_t: torch.Tensor,
+        pl: torch.Tensor,
+        weight: torch.Tensor,
+        g: torch.Generator,
+    ) -> torch.Tensor:
         """DACS: ClassMix source classes onto the target, strong aug, weighted CE to the mixed label."""
         mask = classmix_masks(src["label"], g, self.ignore_index).to(x_t)
         x_m = self.augment(mix(mask, src["image"], x_t), g)
@@ -159,8 +174,9 @@ class SegUDAModule(L.LightningModule):
         self.manual_backward(loss)
         return loss.detach()
 
-    def _mic_term(self, x_t: torch.Tensor, pl: torch.Tensor, weight: torch.Tensor,
-                  g: torch.Generator) -> torch.Tensor:
+    def _mic_term(
+        self, x_t: torch.Tensor, pl: torch.Tensor, weight: torch.Tensor, g: torch.Generator
+    ) -> torch.Tensor:
         """MIC: a fresh strong aug of the target, block-masked, against the clean-image pseudo-label."""
         mc = self.method.mic
         b, _, h, w = x_t.shape

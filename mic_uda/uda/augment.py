@@ -57,4 +57,4 @@ class StrongAugment:
 def blur_kernel_size(side: int) -> int:
     """Odd kernel of about 10 % of the side, the official ``floor(ceil(0.1 s) - 0.5 + ceil(0.1 s) % 2)``."""
     c = math.ceil(0.1 * side)
-    return max(3, int(math.floor(c - 0.5 + c % 2)))
+    return max(3, math.floor(c - 0.5 + c % 2))

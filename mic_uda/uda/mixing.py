@@ -16,9 +16,9 @@ def classmix_masks(labels: torch.Tensor, generator: torch.Generator, ignore_inde
         classes = torch.unique(lbl)
         classes = classes[classes != ignore_index]
         n = classes.numel()
-        chosen = classes[torch.randperm(n, generator=generator, device=generator.device)[: (n + 1) // 2].to(
-            classes.device
-        )]
+        chosen = classes[
+            torch.randperm(n, generator=generator, device=generator.device)[: (n + 1) // 2].to(classes.device)
+        ]
         masks.append(torch.isin(lbl, chosen))
     return torch.stack(masks).unsqueeze(1).float()
 

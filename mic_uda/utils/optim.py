@@ -36,7 +36,11 @@ def param_groups(
 
 
 def warmup_poly_factor(
-    step: int, max_steps: int, warmup_steps: int, warmup_ratio: float = 1e-6, power: float = 1.0,
+    step: int,
+    max_steps: int,
+    warmup_steps: int,
+    warmup_ratio: float = 1e-6,
+    power: float = 1.0,
     min_lr_ratio: float = 0.0,
 ) -> float:
     """LR multiplier at ``step``: mmcv's poly decay with linear warm-up, as the papers trained.
@@ -55,8 +59,12 @@ def warmup_poly_factor(
 
 
 def warmup_poly_scheduler(
-    optimizer: torch.optim.Optimizer, max_steps: int, warmup_steps: int, warmup_ratio: float = 1e-6,
-    power: float = 1.0, min_lr_ratio: float = 0.0,
+    optimizer: torch.optim.Optimizer,
+    max_steps: int,
+    warmup_steps: int,
+    warmup_ratio: float = 1e-6,
+    power: float = 1.0,
+    min_lr_ratio: float = 0.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` (so Lightning checkpoints and restores it) over :func:`warmup_poly_factor`."""
     return torch.optim.lr_scheduler.LambdaLR(

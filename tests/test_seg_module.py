@@ -1,0 +1,81 @@
+"""The segmentation module's contracts: teacher only moves by EMA, BN-statistics policies hold."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from mic_uda.train import build_datamodule, train
+
+
+class Capture(L.Callback):
+    """Student/teacher weights right before the first step and after the last one."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.student0 = {k: v.clone() for k, v in pl_module.student.state_dict().items()}
+        self.teacher0 = (
+            {k: v.clone() for k, v in pl_module.teacher.state_dict().items()} if pl_module.teacher else None
+        )
+
+
+def fit(make_cfg, overrides: list[str]) -> tuple[L.LightningModule, Capture]:
+    cfg = make_cfg([*overrides, "trainer.max_steps=1", "test=false"])
+    L.seed_everything(cfg.seed, workers=True)
+    model = instantiate(cfg.task.module, _recursive_=False)
+    cap = Capture()
+    trainer = instantiate(
+        cfg.trainer, callbacks=[cap], logger=False, enable_checkpointing=False, limit_val_batches=0
+    )
+    trainer.fit(model, datamodule=build_datamodule(cfg))
+    return model, cap
+
+
+def test_teacher_gets_no_gradients_and_moves_only_by_ema(make_cfg) -> None:
+    model, cap = fit(make_cfg, ["method=mic"])
+    teacher, student = model.teacher, model.student
+    assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(cap.teacher0[k], cap.student0[k]) for k in cap.student0), (
+        "teacher starts as a copy"
+    )
+    s1 = dict(student.named_parameters())
+    for name, p in teacher.named_parameters():
+        # step 1: alpha_1 = min(1 - 1/2, 0.999) = 0.5
+        expected = 0.5 * cap.teacher0[name] + 0.5 * s1[name].detach()
+        assert torch.allclose(p, expected, atol=1e-6), name
+    assert not torch.equal(s1["head.classifier.weight"].detach(), cap.student0["head.classifier.weight"])
+    # teacher_bn=batch: the teacher's BN buffers are never touched
+    buffers = [n for n, _ in teacher.named_buffers() if n in cap.teacher0]
+    assert any("running_mean" in n for n in buffers)
+    for name in buffers:
+        assert torch.equal(teacher.get_buffer(name), cap.teacher0[name]), name
+
+
+def _bn_buffers(model: L.LightningModule) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.student.state_dict().items() if "running_" in k}
+
+
+def test_student_bn_source_policy_ignores_mixed_and_masked_passes(make_cfg) -> None:
+    ref, _ = fit(make_cfg, ["method=source_only"])
+    frozen, _ = fit(make_cfg, ["method=mic", "method.student_bn=source"])
+    free, _ = fit(make_cfg, ["method=mic", "method.student_bn=all"])
+    r, f, a = _bn_buffers(ref), _bn_buffers(frozen), _bn_buffers(free)
+    assert r, "the DAFormer head has BatchNorm layers"
+    # only the (identical) source pass updated the statistics
+    assert all(torch.equal(r[k], f[k]) for k in r)
+    assert not all(torch.equal(r[k], a[k]) for k in r)
+
+
+def test_teacher_running_policy_uses_eval_mode_and_averages_buffers(make_cfg) -> None:
+    model, cap = fit(make_cfg, ["method=dacs", "method.teacher.bn=running"])
+    assert not any(m.training for m in model.teacher.modules())
+    s = model.student.state_dict()
+    for name, b in model.teacher.named_buffers():
+        if "running_mean" in name:
+            assert torch.allclose(b, 0.5 * cap.teacher0[name] + 0.5 * s[name], atol=1e-6), name
+
+
+def test_bad_method_value_names_key(make_cfg) -> None:
+    with pytest.raises(ValueError, match=r"method.student_bn='target' is not one of \['source', 'all'\]"):
+        train(make_cfg(["method=mic", "method.student_bn=target"]))
