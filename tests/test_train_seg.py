@@ -54,3 +54,23 @@ def test_same_seed_same_metrics_other_seed_differs(make_cfg, tmp_path: Path) -> 
     w = [load_module(tmp_path / f"r{i}" / "checkpoints" / "last.ckpt").state_dict() for i in range(3)]
     assert all(torch.equal(w[0][k], w[1][k]) for k in w[0])
     assert not all(torch.equal(w[0][k], w[2][k]) for k in w[0])
+
+
+def test_fast_dev_run_override(make_cfg) -> None:
+    metrics = train(make_cfg(["++trainer.fast_dev_run=true"]))
+    assert "train/loss" in metrics
+
+
+@pytest.mark.parametrize("logger", ["tensorboard", "wandb", "many"])
+def test_loggers_write_offline(logger: str, make_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = make_cfg([f"logger={logger}", "method=source_only", "trainer.max_steps=2", "trainer.val_check_interval=2"])
+    train(cfg)
+    out = Path(cfg.paths.output_dir)
+    if logger in ("tensorboard", "many"):
+        assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    if logger == "many":
+        assert (out / "csv" / "metrics.csv").is_file()
+    if logger == "wandb":
+        runs = list((out / "wandb").glob("offline-run-*"))
+        assert runs and list(runs[0].glob("*.wandb"))
