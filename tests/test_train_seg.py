@@ -74,3 +74,21 @@ def test_loggers_write_offline(logger: str, make_cfg, monkeypatch: pytest.Monkey
     if logger == "wandb":
         runs = list((out / "wandb").glob("offline-run-*"))
         assert runs and list(runs[0].glob("*.wandb"))
+
+
+def test_resume_from_last_checkpoint_continues(make_cfg, tmp_path: Path) -> None:
+    out = tmp_path / "resumable"
+    train(make_cfg(["method=mic", "trainer.max_steps=2", "trainer.val_check_interval=2"], out=out))
+    first = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert first["global_step"] == 2 and "uda_generator_state" in first
+    train(make_cfg(["method=mic", "trainer.max_steps=4", "trainer.val_check_interval=2", "ckpt_path=last"], out=out))
+    second = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert second["global_step"] == 4
+    assert not torch.equal(first["uda_generator_state"], second["uda_generator_state"])
+
+
+def test_gpu_trainer_without_cuda_is_a_clear_error(make_cfg) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: trainer=gpu is valid here")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        train(make_cfg(["trainer=gpu"]))
