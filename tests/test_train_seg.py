@@ -64,7 +64,9 @@ def test_fast_dev_run_override(make_cfg) -> None:
 @pytest.mark.parametrize("logger", ["tensorboard", "wandb", "many"])
 def test_loggers_write_offline(logger: str, make_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = make_cfg([f"logger={logger}", "method=source_only", "trainer.max_steps=2", "trainer.val_check_interval=2"])
+    cfg = make_cfg(
+        [f"logger={logger}", "method=source_only", "trainer.max_steps=2", "trainer.val_check_interval=2"]
+    )
     train(cfg)
     out = Path(cfg.paths.output_dir)
     if logger in ("tensorboard", "many"):
@@ -81,7 +83,11 @@ def test_resume_from_last_checkpoint_continues(make_cfg, tmp_path: Path) -> None
     train(make_cfg(["method=mic", "trainer.max_steps=2", "trainer.val_check_interval=2"], out=out))
     first = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert first["global_step"] == 2 and "uda_generator_state" in first
-    train(make_cfg(["method=mic", "trainer.max_steps=4", "trainer.val_check_interval=2", "ckpt_path=last"], out=out))
+    train(
+        make_cfg(
+            ["method=mic", "trainer.max_steps=4", "trainer.val_check_interval=2", "ckpt_path=last"], out=out
+        )
+    )
     second = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert second["global_step"] == 4
     assert not torch.equal(first["uda_generator_state"], second["uda_generator_state"])

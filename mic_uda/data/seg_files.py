@@ -7,7 +7,7 @@ the data on disk is an error that names the path and the expected layout.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -170,7 +170,7 @@ def random_crop(
 
 
 def _pairs_by_stem(
-    images: list[Path], label_for: callable, with_labels: bool, what: str
+    images: list[Path], label_for: Callable[[Path], Path], with_labels: bool, what: str
 ) -> list[tuple[Path, Path | None]]:
     pairs = []
     for img in images:
@@ -252,3 +252,61 @@ class Cityscapes(PairedSegDataset):
             "Cityscapes",
         )
         super().__init__(pairs, 19, mapping, resize, crop_size, hflip, name=f"Cityscapes/{split}")
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class FolderSegDataset(PairedSegDataset):
+    """A user's own data: ``<root>/<image_dir>/<stem><any image suffix>`` with labels
+    ``<root>/<label_dir>/<stem><label_suffix>``; optionally only the stems listed in ``split_file``
+    (one stem per line, relative to ``root``). Labels hold train ids (or ids mapped by
+    ``label_mapping``), 255 = ignore. CamVid (SPEC 10) is this layout with split lists.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        num_classes: int,
+        image_dir: str = "images",
+        label_dir: str = "labels",
+        label_suffix: str = ".png",
+        split_file: str | None = None,
+        with_labels: bool = True,
+        label_mapping: Mapping[int, int] | None = None,
+        resize: Sequence[int] | None = None,
+        crop_size: int | None = None,
+        hflip: bool = False,
+        name: str = "folder",
+    ) -> None:
+        root = Path(root)
+        layout = f"<root>/{image_dir}/<stem>.<jpg|png>, <root>/{label_dir}/<stem>{label_suffix}" + (
+            f", stems listed in <root>/{split_file}" if split_file else ""
+        )
+        img_dir = require_dir(root / image_dir, name, layout)
+        if with_labels:
+            require_dir(root / label_dir, name, layout)
+        if split_file is not None:
+            split_path = root / split_file
+            if not split_path.is_file():
+                raise FileNotFoundError(
+                    f"{name}: split file '{split_path}' not found. Expected layout: {layout}"
+                )
+            stems = [s.strip() for s in split_path.read_text().splitlines() if s.strip()]
+            if not stems:
+                raise ValueError(f"{name}: split file '{split_path}' lists no images")
+            images = [self._find_image(img_dir, stem, name) for stem in stems]
+        else:
+            images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not images:
+                raise FileNotFoundError(f"{name}: no images ({', '.join(IMAGE_SUFFIXES)}) in '{img_dir}'")
+        labels_at = root / label_dir
+        pairs = _pairs_by_stem(images, lambda p: labels_at / f"{p.stem}{label_suffix}", with_labels, name)
+        super().__init__(pairs, num_classes, label_mapping, resize, crop_size, hflip, name=name)
+
+    @staticmethod
+    def _find_image(img_dir: Path, stem: str, name: str) -> Path:
+        for suffix in IMAGE_SUFFIXES:
+            if (img_dir / f"{stem}{suffix}").is_file():
+                return img_dir / f"{stem}{suffix}"
+        raise FileNotFoundError(f"{name}: image '{img_dir / stem}.*' listed in the split file does not exist")

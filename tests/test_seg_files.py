@@ -1,0 +1,121 @@
+"""File-layout datasets on tiny generated fixtures: loading, id mapping, recipes and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mic_uda.data.seg_files import GTA5, Cityscapes, FolderSegDataset
+
+
+def _write(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _rgb(h: int = 24, w: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+
+def test_gta5_maps_cityscapes_ids_to_train_ids(tmp_path: Path) -> None:
+    ids = np.zeros((24, 32), dtype=np.uint8)
+    ids[:, :8], ids[:, 8:16], ids[:, 16:24], ids[:, 24:] = 7, 26, 33, 3  # road, car, bicycle, unlabelled
+    _write(tmp_path / "images" / "00001.png", _rgb())
+    _write(tmp_path / "labels" / "00001.png", ids)
+    ds = GTA5(tmp_path, resize=None, crop_size=None)
+    sample = ds[0]
+    assert sample["image"].shape == (3, 24, 32) and sample["image"].max() <= 1
+    assert sample["label"][0, :8].unique().tolist() == [0]
+    assert sample["label"][0, 8:16].unique().tolist() == [13]
+    assert sample["label"][0, 16:24].unique().tolist() == [18]
+    assert sample["label"][0, 24:].unique().tolist() == [255]
+
+
+def test_gta5_missing_label_names_the_file(tmp_path: Path) -> None:
+    _write(tmp_path / "images" / "00002.png", _rgb())
+    (tmp_path / "labels").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"labels/00002\.png"):
+        GTA5(tmp_path)
+
+
+def test_cityscapes_prefers_train_ids_and_maps_label_ids(tmp_path: Path) -> None:
+    img = tmp_path / "leftImg8bit" / "val" / "ulm" / "ulm_000000_000019_leftImg8bit.png"
+    _write(img, _rgb())
+    _write(
+        img.parents[3] / "gtFine" / "val" / "ulm" / "ulm_000000_000019_gtFine_labelIds.png",
+        np.full((24, 32), 24, dtype=np.uint8),
+    )  # person id 24 -> train id 11
+    ds = Cityscapes(tmp_path, split="val", resize=(16, 12), crop_size=None)
+    s = ds[0]
+    assert s["image"].shape == (3, 12, 16) and s["label"].unique().tolist() == [11]
+    _write(
+        tmp_path / "gtFine" / "val" / "ulm" / "ulm_000000_000019_gtFine_labelTrainIds.png",
+        np.full((24, 32), 5, dtype=np.uint8),
+    )
+    assert Cityscapes(tmp_path, split="val", resize=None, crop_size=None)[0]["label"].unique().tolist() == [5]
+    unlabelled = Cityscapes(tmp_path, split="val", with_labels=False, crop_size=8)[0]
+    assert "label" not in unlabelled and unlabelled["image"].shape == (3, 8, 8)
+
+
+def _camvid(tmp_path: Path, stems: list[str], label_value: int = 3) -> Path:
+    for i, stem in enumerate(stems):
+        _write(tmp_path / "images" / f"{stem}.jpg", _rgb(seed=i))
+        _write(tmp_path / "labels" / f"{stem}.png", np.full((24, 32), label_value, dtype=np.uint8))
+    (tmp_path / "splits").mkdir(exist_ok=True)
+    (tmp_path / "splits" / "day.txt").write_text("\n".join(stems) + "\n")
+    return tmp_path
+
+
+def test_folder_dataset_reads_split_list_crops_and_flips(tmp_path: Path) -> None:
+    root = _camvid(tmp_path, ["a_001", "a_002", "b_003"])
+    (root / "splits" / "some.txt").write_text("b_003\na_001\n")
+    ds = FolderSegDataset(root, num_classes=11, split_file="splits/some.txt", crop_size=16, hflip=True)
+    assert [p[0].name for p in ds.pairs] == ["b_003.jpg", "a_001.jpg"]
+    s = ds[0]
+    assert s["image"].shape == (3, 16, 16) and s["label"].shape == (16, 16)
+    assert s["label"].unique().tolist() == [3]
+
+
+def test_folder_dataset_errors_name_file_and_expectation(tmp_path: Path) -> None:
+    root = _camvid(tmp_path, ["a_001"], label_value=12)  # 12 is outside 11 classes
+    with pytest.raises(ValueError, match=r"a_001\.png: label ids \[12\] outside 0\.\.10"):
+        FolderSegDataset(root, num_classes=11)[0]
+    (root / "splits" / "bad.txt").write_text("missing_007\n")
+    with pytest.raises(FileNotFoundError, match=r"missing_007"):
+        FolderSegDataset(root, num_classes=11, split_file="splits/bad.txt")
+    (root / "splits" / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="lists no images"):
+        FolderSegDataset(root, num_classes=11, split_file="splits/empty.txt")
+    with pytest.raises(FileNotFoundError, match=r"nowhere/images"):
+        FolderSegDataset(tmp_path / "nowhere", num_classes=11)
+    _write(root / "labels" / "a_001.png", np.zeros((10, 10), dtype=np.uint8))
+    with pytest.raises(ValueError, match="label size"):
+        FolderSegDataset(root, num_classes=11)[0]
+
+
+def test_corrupt_image_names_the_file(tmp_path: Path) -> None:
+    root = _camvid(tmp_path, ["a_001"])
+    (root / "images" / "a_001.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(OSError, match=r"a_001\.jpg"):
+        FolderSegDataset(root, num_classes=11)[0]
+
+
+@pytest.mark.skipif(
+    not (Path(__file__).parents[2] / "shared" / "data" / "camvid").is_dir(),
+    reason="the real CamVid copy (../shared/data/camvid) is not on this machine",
+)
+def test_real_camvid_layout_through_config(make_cfg) -> None:
+    from mic_uda.train import build_datamodule
+
+    dm = build_datamodule(make_cfg(["data=camvid_day2dusk"], tiny=False))
+    dm.setup("fit")
+    assert [len(dm.datasets[k]) for k in ("source", "target", "val")] == [577, 62, 62]
+    s = dm.datasets["source"][0]
+    assert s["image"].shape == (3, 192, 192) and "label" not in dm.datasets["target"][0]
+    v = dm.datasets["val"][0]
+    assert v["image"].shape == (3, 240, 320) and int(v["label"][v["label"] != 255].max()) <= 10
+    assert torch.is_tensor(v["label"])
