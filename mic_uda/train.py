@@ -62,6 +62,22 @@ def validate_config(cfg: DictConfig) -> None:
         raise RuntimeError("trainer.accelerator=gpu but no CUDA device is visible; use trainer=cpu")
 
 
+def single_device_tester(cfg: DictConfig) -> L.Trainer:
+    """After a multi-process fit, evaluate once on one device: a DistributedSampler pads and splits
+    the evaluation set, so per-rank evaluation would count some images twice. No logger: the
+    loggers' state lives in the (spawned) training processes; the numbers go to metrics.json."""
+    return instantiate(
+        cfg.trainer,
+        devices=1,
+        num_nodes=1,
+        strategy="auto",
+        logger=False,
+        callbacks=[],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+
+
 @task_wrapper
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train on source (+ unlabelled target), then evaluate on the target split; returns metrics."""
@@ -85,9 +101,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
         )
         metrics.update(as_float_dict(trainer.callback_metrics))
-    if cfg.get("test") and not trainer.fast_dev_run:
-        trainer.test(model, datamodule=datamodule, verbose=False)  # the final weights, not a "best" pick
-        metrics.update(as_float_dict(trainer.callback_metrics))
+    if cfg.get("test") and not trainer.fast_dev_run and trainer.is_global_zero:
+        tester = trainer if trainer.world_size == 1 else single_device_tester(cfg)
+        tester.test(model, datamodule=datamodule, verbose=False)  # the final weights, not a "best" pick
+        metrics.update(as_float_dict(tester.callback_metrics))
         if hasattr(model, "iou_table") and model.last_iou:
             print(f"\nTarget evaluation ({cfg.data.name}, {cfg.method.name}, seed {cfg.seed}):")
             print(model.iou_table())

@@ -124,7 +124,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=512 if gpu else 192)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--precision", default="bf16-mixed" if gpu else "32-true")
-    p.add_argument("--steps", type=int, default=20 if gpu else 8)
+    p.add_argument("--steps", type=int, default=20 if gpu else 12)
     p.add_argument("--warmup", type=int, default=5 if gpu else 2)
     p.add_argument("--teacher-bn", default="batch")
     p.add_argument("--student-bn", default="source")
@@ -140,26 +140,28 @@ def main() -> None:
     times, peak = time_mic_uda(args, device)
     anchor_ms_after = anchor["timeit"](anchor["uda_step"]) * 1e3
     ours_ms = statistics.median(times) * 1e3
-    anchor_ms = min(anchor_ms_before, anchor_ms_after, anchor["res"]["uda_ms"])
+    anchor_runs = (anchor["res"]["uda_ms"], anchor_ms_before, anchor_ms_after)
+    anchor_ms = statistics.median(anchor_runs)  # like for like: median vs median, min vs min
     result = {
         "device": torch.cuda.get_device_name() if gpu else f"cpu x{torch.get_num_threads()} threads",
         "encoder": args.encoder,
         "size": args.size,
         "batch": f"{args.batch}+{args.batch}",
         "precision": args.precision,
-        "anchor_uda_ms": round(anchor_ms, 1),
+        "anchor_uda_ms_median": round(anchor_ms, 1),
+        "ratio_min_over_min": round(min(times) * 1e3 / min(anchor_runs), 3),
         "anchor_uda_ms_runs": [
             round(x, 1) for x in (anchor["res"]["uda_ms"], anchor_ms_before, anchor_ms_after)
         ],
         "mic_uda_ms_median": round(ours_ms, 1),
         "mic_uda_ms_min": round(min(times) * 1e3, 1),
-        "ratio_median_over_anchor": round(ours_ms / anchor_ms, 3),
+        "ratio_median_over_median": round(ours_ms / anchor_ms, 3),
         "anchor_peak_GiB": anchor["res"]["uda_peak_GiB"],
         "mic_uda_peak_GiB": peak,
         "process_max_rss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
     print(json.dumps(result, indent=1))
-    print(f"ratio mic_uda / anchor = {result['ratio_median_over_anchor']:.3f} (target <= 1.15)")
+    print(f"ratio mic_uda / anchor (median) = {result['ratio_median_over_median']:.3f}, (min) = {result['ratio_min_over_min']:.3f} (target <= 1.15)")
 
 
 if __name__ == "__main__":

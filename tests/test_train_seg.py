@@ -20,6 +20,7 @@ def test_train_then_evaluate(method: str, make_cfg, tmp_path: Path) -> None:
     assert 0.0 <= metrics["test/mIoU"] <= 100.0
     assert "val/student/mIoU" in metrics
     assert ("val/teacher/mIoU" in metrics) == (method in ("dacs", "mic"))
+    assert ("train/pl_share_sidewalk" in metrics) == (method in ("dacs", "mic"))
     ckpt = out / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     summary = json.loads((out / "metrics.json").read_text())
@@ -98,3 +99,20 @@ def test_gpu_trainer_without_cuda_is_a_clear_error(make_cfg) -> None:
         pytest.skip("this machine has a GPU: trainer=gpu is valid here")
     with pytest.raises(RuntimeError, match="no CUDA device"):
         train(make_cfg(["trainer=gpu"]))
+
+
+def test_ddp_sim_two_cpu_processes_train_and_evaluate(make_cfg) -> None:
+    metrics = train(make_cfg(["trainer=ddp_sim", "method=mic"]))
+    assert 0.0 <= metrics["test/mIoU"] <= 100.0 and "train/loss_mic" in metrics
+
+
+def test_rank_generators_differ_across_ranks_and_repeat_per_seed() -> None:
+    from mic_uda.uda.masking import block_mask
+    from mic_uda.utils.seeding import rank_generator
+
+    def mask(seed: int, rank: int) -> torch.Tensor:
+        return block_mask(4, 64, 64, 8, 0.7, rank_generator(seed, rank))
+
+    assert torch.equal(mask(0, 0), mask(0, 0))
+    assert not torch.equal(mask(0, 0), mask(0, 1))
+    assert not torch.equal(mask(0, 0), mask(1, 0))

@@ -134,6 +134,10 @@ class SegUDAModule(L.LightningModule):
             pc = m.pseudo_label
             weight = confidence_weight(conf, pc.threshold, pc.weight_scope, pc.ignore_top, pc.ignore_bottom)
             logs["train/pseudo_weight"] = weight.mean()
+            # label-free health check: the share of each class in the pseudo-labels (a class that
+            # never appears cannot be learned by self-training; a collapsing class shows here first)
+            share = torch.bincount(pl.flatten(), minlength=self.num_classes).float() / pl.numel()
+            logs.update({f"train/pl_share_{c}": s for c, s in zip(self.class_names, share)})
             with frozen_bn_statistics(self.student, enabled=m.student_bn == "source"):
                 if m.mix is not None:
                     logs["train/loss_mix"] = self._mix_term(src, x_t, pl, weight, g)
