@@ -161,7 +161,10 @@ def main() -> None:
         "process_max_rss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
     print(json.dumps(result, indent=1))
-    print(f"ratio mic_uda / anchor (median) = {result['ratio_median_over_median']:.3f}, (min) = {result['ratio_min_over_min']:.3f} (target <= 1.15)")
+    print(
+        f"ratio mic_uda / anchor: median {result['ratio_median_over_median']:.3f}, "
+        f"min {result['ratio_min_over_min']:.3f} (target <= 1.15)"
+    )
 
 
 if __name__ == "__main__":
