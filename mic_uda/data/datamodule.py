@@ -65,7 +65,6 @@ class UDADataModule(L.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         target_labels: bool = False,
-        **info: Any,
     ) -> None:
         super().__init__()
         self.cfgs = {
@@ -78,7 +77,6 @@ class UDADataModule(L.LightningDataModule):
         self.val_batch_size, self.num_workers = val_batch_size, num_workers
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers and num_workers > 0
         self.target_labels = target_labels
-        self.info = info  # class names, palette, ... (not used here, kept for users of the module)
         self.datasets: dict[str, Dataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
