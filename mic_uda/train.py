@@ -15,6 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mic_uda.models.daformer import require_weights_file
 from mic_uda.tasks.method import parse_method
 from mic_uda.utils.hydra_utils import (
     CONFIG_DIR,
@@ -51,13 +52,8 @@ def validate_config(cfg: DictConfig) -> None:
     """Fail in the first second on what would otherwise fail after data loading."""
     parse_method(cfg.method)
     weights = cfg.backbone.get("weights")
-    if weights and not Path(weights).is_file():
-        raise FileNotFoundError(
-            f"backbone.weights={weights!r} does not exist: put the ImageNet checkpoint of "
-            f"{cfg.backbone.get('encoder_name', 'the encoder')} there or set backbone.weights=null "
-            "(from scratch). "
-            "Nothing is downloaded."
-        )
+    if weights:  # the same check the network runs when it loads them, only earlier
+        require_weights_file(Path(weights), cfg.backbone.get("encoder_name", "the encoder"))
     if cfg.trainer.get("accelerator") == "gpu" and not torch.cuda.is_available():
         raise RuntimeError("trainer.accelerator=gpu but no CUDA device is visible; use trainer=cpu")
 

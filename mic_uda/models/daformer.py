@@ -28,6 +28,8 @@ __all__ = [
     "build_daformer",
     "convert_mmseg_mit_keys",
     "extract_encoder_state_dict",
+    "load_encoder_weights_into",
+    "require_weights_file",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -199,7 +201,7 @@ class DAFormerNet(nn.Module):
 def load_encoder_weights_into(encoder: nn.Module, path: str | os.PathLike, encoder_name: str) -> None:
     """Load a local encoder checkpoint into any smp encoder after a strict, explained key check."""
     path = Path(path)
-    _require_file(path, encoder_name)
+    require_weights_file(path, encoder_name)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
@@ -246,7 +248,7 @@ def build_daformer(
 ) -> DAFormerNet:
     """Build a :class:`DAFormerNet` and, if ``weights`` (a local file) is given, load its encoder weights."""
     if weights is not None:
-        _require_file(Path(weights), encoder_name)  # fail before spending time building the network
+        require_weights_file(Path(weights), encoder_name)  # fail before spending time building the network
     net = DAFormerNet(num_classes, encoder_name=encoder_name, **kwargs)
     if weights is not None:
         net.load_encoder_weights(weights)
@@ -332,7 +334,7 @@ def convert_mmseg_mit_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _require_file(path: Path, encoder_name: str) -> None:
+def require_weights_file(path: Path, encoder_name: str) -> None:
     """Say which file is expected and that nothing will be fetched, rather than a bare errno."""
     if not path.is_file():
         raise FileNotFoundError(
