@@ -43,6 +43,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model = load_module(cfg.ckpt_path)
     datamodule = instantiate(cfg.data.datamodule, _recursive_=False)
     callbacks = []
+    if cfg.save_predictions and not hasattr(model, "last_iou"):
+        raise ValueError("save_predictions=true writes segmentation masks; this is not a seg checkpoint")
     if cfg.save_predictions:
         out = Path(cfg.paths.output_dir) / "predictions"
         callbacks.append(
@@ -53,7 +55,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics = as_float_dict(trainer.callback_metrics)
     if trainer.is_global_zero:
         print(f"\nEvaluation of {cfg.ckpt_path} on {cfg.data.name}:")
-        print(model.iou_table())
+        print(model.result_table())
         write_json(
             Path(cfg.paths.output_dir) / "metrics.json",
             {"metrics": metrics, "ckpt_path": str(cfg.ckpt_path), "data": cfg.data.name},
@@ -64,7 +66,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
 def main(cfg: DictConfig) -> float | None:
     """Console entry (`mic-uda-eval`)."""
-    return evaluate(cfg).get("test/mIoU")
+    metrics = evaluate(cfg)
+    return metrics.get("test/mIoU", metrics.get("test/acc"))
 
 
 if __name__ == "__main__":

@@ -12,14 +12,15 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mic_uda.models.daformer import require_weights_file
-from mic_uda.tasks.method import parse_method
+from mic_uda.models.weights import require_weights_file
+from mic_uda.tasks.method import check_terms, parse_method
 from mic_uda.utils.hydra_utils import (
     CONFIG_DIR,
     as_float_dict,
+    instantiate_clearly,
     instantiate_dict,
     register_resolvers,
     task_wrapper,
@@ -50,7 +51,10 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
 
 def validate_config(cfg: DictConfig) -> None:
     """Fail in the first second on what would otherwise fail after data loading."""
-    parse_method(cfg.method)
+    method = parse_method(cfg.method)
+    supported = getattr(get_class(cfg.task.module._target_), "supported_terms", None)
+    if supported is not None:
+        check_terms(method, supported, cfg.task.name)
     weights = cfg.backbone.get("weights")
     if weights:  # the same check the network runs when it loads them, only earlier
         require_weights_file(Path(weights), cfg.backbone.get("encoder_name", "the encoder"))
@@ -84,7 +88,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info("run folder: %s", cfg.paths.output_dir)
 
     datamodule = build_datamodule(cfg)
-    model: L.LightningModule = instantiate(cfg.task.module, _recursive_=False)
+    model: L.LightningModule = instantiate_clearly(cfg.task.module, _recursive_=False)
     callbacks = instantiate_dict(cfg.get("callbacks"), "callbacks")
     loggers = instantiate_dict(cfg.get("logger"), "logger")
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -101,9 +105,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         tester = trainer if trainer.world_size == 1 else single_device_tester(cfg)
         tester.test(model, datamodule=datamodule, verbose=False)  # the final weights, not a "best" pick
         metrics.update(as_float_dict(tester.callback_metrics))
-        if hasattr(model, "iou_table") and model.last_iou:
-            print(f"\nTarget evaluation ({cfg.data.name}, {cfg.method.name}, seed {cfg.seed}):")
-            print(model.iou_table())
+        print(f"\nTarget evaluation ({cfg.data.name}, {cfg.method.name}, seed {cfg.seed}):")
+        print(model.result_table())
     if trainer.is_global_zero:
         write_json(
             Path(cfg.paths.output_dir) / "metrics.json",
@@ -112,7 +115,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 "data": cfg.data.name,
                 "method": cfg.method.name,
                 "seed": cfg.seed,
-                "backbone": cfg.backbone.get("encoder_name", "?"),
+                "task": cfg.task.name,
+                "backbone": cfg.backbone.get("encoder_name") or cfg.backbone.get("backbone", "?"),
+                "primary_metric": f"test/{model.primary_metric}",
                 "max_steps": cfg.trainer.max_steps,
             },
         )
@@ -121,10 +126,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Console entry (`mic-uda-train`); returns the target mIoU for Hydra sweepers."""
+    """Console entry (`mic-uda-train`); returns the target metric (task.primary_metric) for sweepers."""
     torch.set_float32_matmul_precision("high")
     metrics = train(cfg)
-    return metrics.get("test/mIoU", metrics.get("val/mIoU"))
+    return metrics.get(f"test/{cfg.task.primary_metric}", metrics.get(f"val/{cfg.task.primary_metric}"))
 
 
 if __name__ == "__main__":

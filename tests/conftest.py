@@ -36,6 +36,27 @@ TINY_SEG = [
 ]
 
 
+# The classification equivalent: 16 px procedural images, 4 + 4 per batch, 3 steps.
+TINY_CLS = [
+    "trainer=cpu",
+    "logger=csv",
+    "data.image_size=16",
+    "data.mask_block_size=4",
+    "data.datamodule.source.num_images=16",
+    "data.datamodule.target.num_images=16",
+    "data.datamodule.val.num_images=8",
+    "data.datamodule.batch_size=4",
+    "data.datamodule.target_batch_size=4",
+    "data.datamodule.val_batch_size=8",
+    "backbone.bottleneck_dim=16",
+    "trainer.max_steps=3",
+    "trainer.val_check_interval=3",
+    "trainer.log_every_n_steps=1",
+    "~callbacks.progress_bar",
+    "+trainer.enable_progress_bar=false",
+]
+
+
 def compose_cfg(config_name: str, overrides: Sequence[str], output_dir: Path) -> DictConfig:
     """What ``@hydra.main`` would build, with ``paths.output_dir`` pointed at ``output_dir``."""
     GlobalHydra.instance().clear()
@@ -54,7 +75,9 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     def _make(
         overrides: Sequence[str] = (), config_name: str = "train", tiny: bool = True, out: Path | None = None
     ) -> DictConfig:
-        base = TINY_SEG if (tiny and config_name == "train") else []
+        base: list[str] = []
+        if tiny and config_name == "train":
+            base = TINY_CLS if "task=cls" in overrides else TINY_SEG
         return compose_cfg(config_name, [*base, *overrides], out or tmp_path / "run")
 
     return _make

@@ -6,11 +6,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import CombinedLoader
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
+
+from mic_uda.data.rcs import RareClassSampling, RCSConfig, parse_rcs
+from mic_uda.utils.hydra_utils import instantiate_clearly
 
 
 class WithoutLabels(Dataset):
@@ -34,12 +36,13 @@ def _build(cfg: Any, key: str) -> Dataset:
     cfg = OmegaConf.create(cfg) if not isinstance(cfg, DictConfig) else cfg
     if "_target_" not in cfg:
         raise ValueError(f"data.{key} has no _target_: expected a dataset class path, got keys {list(cfg)}")
-    try:
-        dataset = instantiate(cfg)
-    except InstantiationException as e:  # surface the dataset's own clear error, not Hydra's wrapper
-        if isinstance(e.__cause__, (OSError, ValueError)):
-            raise e.__cause__ from None
-        raise
+    missing = sorted(k if k.startswith(f"{key}.") else f"{key}.{k}" for k in OmegaConf.missing_keys(cfg))
+    if missing:
+        names = ", ".join(f"data.datamodule.{k}" for k in missing)
+        raise ValueError(
+            f"{names} not set (???): give it on the command line, e.g. {names.split(',')[0]}=/path"
+        )
+    dataset = instantiate_clearly(cfg)  # the dataset's own clear error, not Hydra's wrapper
     if len(dataset) == 0:
         raise ValueError(f"data.{key} ({cfg._target_}) is empty: check its root and split")
     return dataset
@@ -50,6 +53,7 @@ class UDADataModule(L.LightningDataModule):
     validation/test on the labelled target evaluation split.
 
     ``target_labels=True`` keeps target labels in training batches: only for the oracle.
+    ``rcs`` (``data.rcs``): rare class sampling of the source (mic_uda.data.rcs) when ``enabled``.
     """
 
     def __init__(
@@ -65,6 +69,7 @@ class UDADataModule(L.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         target_labels: bool = False,
+        rcs: Mapping[str, Any] | RCSConfig | None = None,
     ) -> None:
         super().__init__()
         self.cfgs = {
@@ -77,7 +82,21 @@ class UDADataModule(L.LightningDataModule):
         self.val_batch_size, self.num_workers = val_batch_size, num_workers
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers and num_workers > 0
         self.target_labels = target_labels
+        self.rcs = parse_rcs(rcs)
         self.datasets: dict[str, Dataset] = {}
+
+    @property
+    def rcs_enabled(self) -> bool:
+        return self.rcs is not None and self.rcs.enabled
+
+    def prepare_data(self) -> None:
+        """Once per node, before DDP ranks set up (training only): fills the RCS statistics cache, so
+        the one-off pass over the source labels is not run by every rank at once."""
+        fitting = self.trainer is None or self.trainer.state.fn in (None, TrainerFn.FITTING)
+        if self.rcs_enabled and fitting and "source" not in self.datasets:
+            source = _build(self.cfgs["source"], "source")
+            if not isinstance(source, RareClassSampling):
+                RareClassSampling(source, self.rcs)  # type: ignore[arg-type]  # checks the type, fills the cache
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ["source", "target", "val"], "validate": ["val"], "test": ["test"]}.get(
@@ -88,6 +107,8 @@ class UDADataModule(L.LightningDataModule):
                 ds = _build(self.cfgs[key], key)
                 if key == "target" and not self.target_labels:
                     ds = WithoutLabels(ds)
+                if key == "source" and self.rcs_enabled and not isinstance(ds, RareClassSampling):
+                    ds = RareClassSampling(ds, self.rcs)  # type: ignore[arg-type]
                 self.datasets[key] = ds
 
     def _loader(self, key: str, batch_size: int, train: bool) -> DataLoader:

@@ -7,6 +7,7 @@ the data on disk is an error that names the path and the expected layout.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -82,12 +83,28 @@ def mapping_lut(mapping: Mapping[int, int] | None, max_id: int = 65536) -> torch
     return lut
 
 
+def subset_lut(class_subset: Sequence[int] | None, num_classes: int) -> torch.Tensor | None:
+    """Train id -> its position in ``class_subset`` (others -> 255): e.g. 19 Cityscapes -> 16 SYNTHIA ids."""
+    if class_subset is None:
+        return None
+    kept = [int(c) for c in class_subset]
+    if len(set(kept)) != len(kept) or any(not 0 <= c < num_classes for c in kept):
+        raise ValueError(f"class_subset {kept}: expected distinct train ids in 0..{num_classes - 1}")
+    lut = torch.full((IGNORE + 1,), IGNORE, dtype=torch.long)
+    lut[torch.tensor(kept, dtype=torch.long)] = torch.arange(len(kept))
+    return lut
+
+
 class PairedSegDataset(Dataset):
     """Image/label file pairs with optional id mapping, resize, random crop and flip.
 
-    ``resize``: (width, height) applied first (e.g. GTA 2560x1440 -> 1280x720); ``crop_size``: random
-    square crop of that side (training); ``hflip``: random horizontal flip. Randomness uses torch's
-    global RNG, which Lightning seeds per DataLoader worker.
+    ``resize``: (width, height) applied first (e.g. GTA 1914x1052 -> 1280x720); ``crop_size``: random
+    square crop of that side (training); ``hflip``: random horizontal flip. ``cat_max_ratio`` < 1
+    re-draws a crop (up to 10 times) while one class covers more than that share of its labelled
+    pixels (mmseg's ``RandomCrop``, 0.75 in the papers' source pipelines). ``class_subset`` keeps only
+    these train ids, renumbered 0..k-1 in that order (others -> 255), e.g. the 16 SYNTHIA classes.
+    Randomness uses torch's global RNG (Lightning seeds it per DataLoader worker) unless a
+    ``generator`` is passed to :meth:`augment` / :func:`crop_offsets` (rare class sampling owns one).
     """
 
     def __init__(
@@ -99,41 +116,68 @@ class PairedSegDataset(Dataset):
         crop_size: int | None = None,
         hflip: bool = False,
         name: str = "dataset",
+        cat_max_ratio: float = 1.0,
+        class_subset: Sequence[int] | None = None,
     ) -> None:
         if len(pairs) == 0:
             raise ValueError(f"{name}: no images found")
-        self.pairs, self.num_classes, self.name = list(pairs), num_classes, name
+        self.pairs, self.name = list(pairs), name
+        self.label_classes = num_classes  # ids in the (mapped) label files
         self.lut = mapping_lut(label_mapping)
+        self.class_subset = [int(c) for c in class_subset] if class_subset is not None else None
+        self.subset_lut = subset_lut(class_subset, num_classes)
+        self.num_classes = len(self.class_subset) if self.class_subset is not None else num_classes
         self.resize = tuple(resize) if resize is not None else None
-        self.crop_size, self.hflip = crop_size, hflip
+        self.crop_size, self.hflip, self.cat_max_ratio = crop_size, hflip, cat_max_ratio
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def _read_label(self, path: Path) -> torch.Tensor:
-        arr = np.array(Image.open(path))
+    def label_signature(self) -> dict[str, object]:
+        """What decides the label ids read from the files (for caches of label statistics)."""
+        lut = None if self.lut is None else hashlib.sha256(self.lut.numpy().tobytes()).hexdigest()
+        return {
+            "reader": f"{type(self).__module__}.{type(self).__qualname__}",
+            "label_classes": self.label_classes,
+            "lut": lut,
+            "class_subset": self.class_subset,
+        }
+
+    def read_ids(self, path: Path) -> torch.Tensor:
+        """The raw ids of a label file (first channel of a colour PNG), as int64."""
+        try:
+            arr = np.array(Image.open(path))
+        except OSError as e:
+            raise OSError(f"{path}: cannot read label ({e})") from e
         if arr.ndim == 3:
             arr = arr[..., 0]
-        label = torch.from_numpy(arr.astype(np.int64))
+        return torch.from_numpy(arr.astype(np.int64))
+
+    def read_label(self, path: Path) -> torch.Tensor:
+        """Train ids of a label file at its own resolution (mapped, checked, subset)."""
+        label = self.read_ids(path)
         if self.lut is not None:
             label = self.lut[label.clamp(0, self.lut.numel() - 1)]
-        bad = (label != IGNORE) & ((label < 0) | (label >= self.num_classes))
+        bad = (label != IGNORE) & ((label < 0) | (label >= self.label_classes))
         if bad.any():
             raise ValueError(
                 f"{path}: label ids {sorted(label[bad].unique().tolist())[:10]} outside "
-                f"0..{self.num_classes - 1} "
+                f"0..{self.label_classes - 1} "
                 f"(and {IGNORE} = ignore); check the dataset's label mapping"
             )
+        if self.subset_lut is not None:
+            label = self.subset_lut[label]
         return label
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
+    def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image (float 0..1, CxHxW) and label of pair ``i``, resized but not cropped or flipped."""
         img_path, lbl_path = self.pairs[i]
         try:
             image = torch.from_numpy(np.array(Image.open(img_path).convert("RGB"))).permute(2, 0, 1)
         except OSError as e:
             raise OSError(f"{img_path}: cannot read image ({e})") from e
         image = image.float().div_(255)
-        label = self._read_label(lbl_path) if lbl_path is not None else None
+        label = self.read_label(lbl_path) if lbl_path is not None else None
         if label is not None and label.shape != image.shape[-2:]:
             raise ValueError(
                 f"{lbl_path}: label size {tuple(label.shape)} != image size {tuple(image.shape[-2:])}"
@@ -144,29 +188,63 @@ class PairedSegDataset(Dataset):
             image = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False)[0]
             if label is not None:
                 label = F.interpolate(label[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
+        return image, label
+
+    def augment(
+        self, image: torch.Tensor, label: torch.Tensor | None, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The training crop (with the ``cat_max_ratio`` re-draw) and the random flip."""
         if self.crop_size is not None:
-            image, label = random_crop(image, label, self.crop_size)
-        if self.hflip and torch.rand(()) < 0.5:
+            top, left = crop_offsets(image, self.crop_size, generator)
+            if label is not None and self.cat_max_ratio < 1.0:
+                for _ in range(10):
+                    if not _one_class_dominates(label, top, left, self.crop_size, self.cat_max_ratio):
+                        break
+                    top, left = crop_offsets(image, self.crop_size, generator)
+            image, label = apply_crop(image, label, top, left, self.crop_size)
+        if self.hflip and torch.rand((), generator=generator) < 0.5:
             image = image.flip(-1)
             label = label.flip(-1) if label is not None else None
+        return image, label
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
+        image, label = self.augment(*self.load(i))
         out: dict[str, torch.Tensor | int] = {"image": image.contiguous(), "index": i}
         if label is not None:
             out["label"] = label.contiguous()
         return out
 
 
-def random_crop(
-    image: torch.Tensor, label: torch.Tensor | None, size: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def crop_offsets(image: torch.Tensor, size: int, generator: torch.Generator | None = None) -> tuple[int, int]:
+    """A uniformly random (top, left) of a ``size`` x ``size`` crop inside ``image`` (..., H, W)."""
     h, w = image.shape[-2:]
     if h < size or w < size:
         raise ValueError(f"crop_size {size} is larger than the (resized) image {h}x{w}")
-    top = int(torch.randint(0, h - size + 1, ()))
-    left = int(torch.randint(0, w - size + 1, ()))
-    image = image[:, top : top + size, left : left + size]
+    top = int(torch.randint(0, h - size + 1, (), generator=generator))
+    left = int(torch.randint(0, w - size + 1, (), generator=generator))
+    return top, left
+
+
+def apply_crop(
+    image: torch.Tensor, label: torch.Tensor | None, top: int, left: int, size: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    image = image[..., top : top + size, left : left + size]
     if label is not None:
         label = label[top : top + size, left : left + size]
     return image, label
+
+
+def random_crop(
+    image: torch.Tensor, label: torch.Tensor | None, size: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return apply_crop(image, label, *crop_offsets(image, size, generator), size)
+
+
+def _one_class_dominates(label: torch.Tensor, top: int, left: int, size: int, ratio: float) -> bool:
+    crop = label[top : top + size, left : left + size]
+    counts = torch.bincount(crop[crop != IGNORE].flatten())
+    counts = counts[counts > 0]
+    return not (counts.numel() > 1 and counts.max().item() / counts.sum().item() < ratio)
 
 
 def _pairs_by_stem(
@@ -179,6 +257,45 @@ def _pairs_by_stem(
             raise FileNotFoundError(f"{what}: label file '{lbl}' for image '{img}' is missing")
         pairs.append((img, lbl))
     return pairs
+
+
+def pair_train_id_labels(
+    images: list[Path],
+    label_for: Callable[[Path, str], Path],
+    what: str,
+    kinds: tuple[str, str] = ("labelTrainIds", "labelIds"),
+) -> tuple[list[tuple[Path, Path | None]], dict[int, int] | None]:
+    """Pairs images with ``label_for(image, kind)``. Cityscapes, ACDC and Dark Zurich ship train-id files
+    and label-id files side by side: train ids are used as they are, else label ids are mapped with the
+    Cityscapes table (the first image decides, so a dataset never mixes the two)."""
+    train_ids, label_ids = (label_for(images[0], k) for k in kinds)
+    if train_ids.is_file():
+        kind, mapping = kinds[0], None
+    elif label_ids.is_file():
+        kind, mapping = kinds[1], CITYSCAPES_ID_TO_TRAIN_ID
+    else:
+        raise FileNotFoundError(
+            f"{what}: label file '{train_ids}' (or '{label_ids.name}') for image '{images[0]}' is missing"
+        )
+    return _pairs_by_stem(images, lambda p: label_for(p, kind), True, what), mapping
+
+
+def read_split_file(path: Path, what: str, layout: str) -> list[str]:
+    """The non-empty lines of a split list (one image stem per line)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: split file '{path}' not found. Expected layout: {layout}")
+    stems = [s.strip() for s in path.read_text().splitlines() if s.strip()]
+    if not stems:
+        raise ValueError(f"{what}: split file '{path}' lists no images")
+    return stems
+
+
+def sorted_glob(folder: Path, pattern: str, what: str, layout: str) -> list[Path]:
+    """Files matching ``pattern`` under ``folder``, or an error naming both and the expected layout."""
+    files = sorted(folder.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"{what}: no {pattern} in '{folder}'. Expected layout: {layout}")
+    return files
 
 
 GTA5_LAYOUT = "<root>/images/*.png and <root>/labels/*.png (same file names; Cityscapes label ids)"
@@ -194,15 +311,25 @@ class GTA5(PairedSegDataset):
         resize: Sequence[int] | None = (1280, 720),
         crop_size: int | None = 512,
         hflip: bool = False,
+        cat_max_ratio: float = 1.0,
+        class_subset: Sequence[int] | None = None,
     ) -> None:
         root = Path(root)
         img_dir = require_dir(root / "images", "GTA5", GTA5_LAYOUT)
         require_dir(root / "labels", "GTA5", GTA5_LAYOUT)
-        images = sorted(img_dir.glob("*.png"))
-        if not images:
-            raise FileNotFoundError(f"GTA5: no *.png in '{img_dir}'. Expected layout: {GTA5_LAYOUT}")
+        images = sorted_glob(img_dir, "*.png", "GTA5", GTA5_LAYOUT)
         pairs = _pairs_by_stem(images, lambda p: root / "labels" / p.name, with_labels, "GTA5")
-        super().__init__(pairs, 19, CITYSCAPES_ID_TO_TRAIN_ID, resize, crop_size, hflip, name="GTA5")
+        super().__init__(
+            pairs,
+            19,
+            CITYSCAPES_ID_TO_TRAIN_ID,
+            resize,
+            crop_size,
+            hflip,
+            "GTA5",
+            cat_max_ratio,
+            class_subset,
+        )
 
 
 CITYSCAPES_LAYOUT = (
@@ -223,35 +350,26 @@ class Cityscapes(PairedSegDataset):
         resize: Sequence[int] | None = (1024, 512),
         crop_size: int | None = 512,
         hflip: bool = False,
+        cat_max_ratio: float = 1.0,
+        class_subset: Sequence[int] | None = None,
     ) -> None:
         root = Path(root)
         img_dir = require_dir(root / "leftImg8bit" / split, "Cityscapes", CITYSCAPES_LAYOUT)
-        images = sorted(img_dir.glob("*/*_leftImg8bit.png"))
-        if not images:
-            raise FileNotFoundError(
-                f"Cityscapes: no */*_leftImg8bit.png in '{img_dir}'. Expected: {CITYSCAPES_LAYOUT}"
-            )
+        images = sorted_glob(img_dir, "*/*_leftImg8bit.png", "Cityscapes", CITYSCAPES_LAYOUT)
+        pairs: list[tuple[Path, Path | None]] = [(p, None) for p in images]
         mapping = None
         if with_labels:
-            require_dir(root / "gtFine" / split, "Cityscapes", CITYSCAPES_LAYOUT)
-            probe = (
-                root
-                / "gtFine"
-                / split
-                / images[0].parent.name
-                / images[0].name.replace("_leftImg8bit.png", "_gtFine_labelTrainIds.png")
+            gt_dir = require_dir(root / "gtFine" / split, "Cityscapes", CITYSCAPES_LAYOUT)
+            pairs, mapping = pair_train_id_labels(
+                images,
+                lambda p, kind: (
+                    gt_dir / p.parent.name / p.name.replace("leftImg8bit.png", f"gtFine_{kind}.png")
+                ),
+                "Cityscapes",
             )
-            suffix = "_gtFine_labelTrainIds.png" if probe.is_file() else "_gtFine_labelIds.png"
-            mapping = None if probe.is_file() else CITYSCAPES_ID_TO_TRAIN_ID
-        else:
-            suffix = ""
-        pairs = _pairs_by_stem(
-            images,
-            lambda p: root / "gtFine" / split / p.parent.name / p.name.replace("_leftImg8bit.png", suffix),
-            with_labels,
-            "Cityscapes",
+        super().__init__(
+            pairs, 19, mapping, resize, crop_size, hflip, f"Cityscapes/{split}", cat_max_ratio, class_subset
         )
-        super().__init__(pairs, 19, mapping, resize, crop_size, hflip, name=f"Cityscapes/{split}")
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -278,6 +396,8 @@ class FolderSegDataset(PairedSegDataset):
         crop_size: int | None = None,
         hflip: bool = False,
         name: str = "folder",
+        cat_max_ratio: float = 1.0,
+        class_subset: Sequence[int] | None = None,
     ) -> None:
         root = Path(root)
         layout = f"<root>/{image_dir}/<stem>.<jpg|png>, <root>/{label_dir}/<stem>{label_suffix}" + (
@@ -287,14 +407,7 @@ class FolderSegDataset(PairedSegDataset):
         if with_labels:
             require_dir(root / label_dir, name, layout)
         if split_file is not None:
-            split_path = root / split_file
-            if not split_path.is_file():
-                raise FileNotFoundError(
-                    f"{name}: split file '{split_path}' not found. Expected layout: {layout}"
-                )
-            stems = [s.strip() for s in split_path.read_text().splitlines() if s.strip()]
-            if not stems:
-                raise ValueError(f"{name}: split file '{split_path}' lists no images")
+            stems = read_split_file(root / split_file, name, layout)
             images = [self._find_image(img_dir, stem, name) for stem in stems]
         else:
             images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -302,7 +415,9 @@ class FolderSegDataset(PairedSegDataset):
                 raise FileNotFoundError(f"{name}: no images ({', '.join(IMAGE_SUFFIXES)}) in '{img_dir}'")
         labels_at = root / label_dir
         pairs = _pairs_by_stem(images, lambda p: labels_at / f"{p.stem}{label_suffix}", with_labels, name)
-        super().__init__(pairs, num_classes, label_mapping, resize, crop_size, hflip, name=name)
+        super().__init__(
+            pairs, num_classes, label_mapping, resize, crop_size, hflip, name, cat_max_ratio, class_subset
+        )
 
     @staticmethod
     def _find_image(img_dir: Path, stem: str, name: str) -> Path:

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mic_uda.models.weights import check_state_dict, require_weights_file
+
 __all__ = [
     "DAFormerHead",
     "DAFormerNet",
@@ -212,7 +214,7 @@ def load_encoder_weights_into(encoder: nn.Module, path: str | os.PathLike, encod
     state = extract_encoder_state_dict(obj, source=str(path))
     if any(k.startswith("_conv_stem.") for k in state):
         state = map_lukemelas_efficientnet(state, encoder, str(path))
-    _check_state_dict(encoder, state, encoder_name, str(path))
+    check_state_dict(encoder, state, encoder_name, str(path))
     # nn.Module.load_state_dict directly: smp's MiT override has no `strict` and mutates its input.
     nn.Module.load_state_dict(encoder, state, strict=True)
 
@@ -332,40 +334,3 @@ def convert_mmseg_mit_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
             else:  # norm1, norm2, attn.sr, attn.norm keep their names
                 out[prefix + sub] = v
     return out
-
-
-def require_weights_file(path: Path, encoder_name: str) -> None:
-    """Say which file is expected and that nothing will be fetched, rather than a bare errno."""
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"Encoder weights file not found: '{path}'. Expected a local ImageNet checkpoint for encoder "
-            f"'{encoder_name}' (e.g. the official SegFormer '{encoder_name}.pth' with the MiT state dict). "
-            "Nothing is downloaded: place the file there or fix the path."
-        )
-
-
-def _check_state_dict(module: nn.Module, state: Mapping[str, Tensor], encoder_name: str, source: str) -> None:
-    """Fail early, listing the offending keys, instead of torch's wall of text or a silent partial load."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if not (missing or unexpected or shapes):
-        return
-    lines = [
-        f"Encoder weights in '{source}' do not match encoder '{encoder_name}'; it is probably a checkpoint "
-        "for a different architecture (e.g. another MiT size)."
-    ]
-    for title, items in (
-        ("missing keys", missing),
-        ("unexpected keys", unexpected),
-        ("shape mismatches", shapes),
-    ):
-        if items:
-            more = f" (+{len(items) - 10} more)" if len(items) > 10 else ""
-            lines.append(f"  {len(items)} {title}: " + ", ".join(items[:10]) + more)
-    raise ValueError("\n".join(lines))

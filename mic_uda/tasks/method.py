@@ -22,7 +22,10 @@ class TeacherConfig:
 @dataclass
 class PseudoLabelConfig:
     threshold: float = 0.968
-    weight_scope: str = "image"  # "image" (papers) or "batch" (official code)
+    # "fraction": the share of confident pixels (> threshold) per image/batch (DACS/MIC seg);
+    # "probability": each sample weighted by the teacher's own confidence (MIC cls)
+    weight_type: str = "fraction"
+    weight_scope: str = "image"  # "image" (papers) or "batch" (official code); for "fraction"
     ignore_top: int = 0
     ignore_bottom: int = 0
 
@@ -48,6 +51,32 @@ class MaskConfig:
 
 
 @dataclass
+class CdanConfig:
+    """CDAN: a domain discriminator on features x predictions behind gradient reversal (SDAT)."""
+
+    weight: float = 1.0
+    entropy_conditioning: bool = True
+    hidden_dim: int = 1024
+    randomized_dim: int | None = None  # random multilinear map of this size (None = outer product)
+    grl_max_iters: int = 1000  # warm-start of the reversal coefficient 0 -> 1 (tllib default)
+
+
+@dataclass
+class MccConfig:
+    """Minimum Class Confusion on the target predictions."""
+
+    weight: float = 1.0
+    temperature: float = 2.5
+
+
+@dataclass
+class SamConfig:
+    """Sharpness-aware minimisation of the task (source) loss: perturb by rho * g / ||g||."""
+
+    rho: float = 0.02
+
+
+@dataclass
 class MethodConfig:
     name: str = "source_only"
     supervised_domain: str = "source"  # "target" only for the target-supervised oracle
@@ -57,6 +86,9 @@ class MethodConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     mix: MixConfig | None = None  # DACS ClassMix self-training term
     mic: MaskConfig | None = None  # MIC masked image consistency term
+    cdan: CdanConfig | None = None  # conditional adversarial alignment (cls: SDAT)
+    mcc: MccConfig | None = None  # minimum class confusion (cls: SDAT)
+    sam: SamConfig | None = None  # sharpness-aware task loss (cls: SDAT)
 
     @property
     def needs_teacher(self) -> bool:
@@ -72,6 +104,7 @@ _CHOICES = {
     "student_bn": ("source", "all"),
     "teacher.bn": ("batch", "running"),
     "pseudo_label.weight_scope": ("image", "batch"),
+    "pseudo_label.weight_type": ("fraction", "probability"),
 }
 
 
@@ -90,3 +123,16 @@ def parse_method(cfg: Any) -> MethodConfig:
     if method.mic is not None and not 0.0 <= method.mic.ratio < 1.0:
         raise ValueError(f"method.mic.ratio must be in [0, 1), got {method.mic.ratio}")
     return method
+
+
+OPTIONAL_TERMS = ("mix", "mic", "cdan", "mcc", "sam")
+
+
+def check_terms(method: MethodConfig, supported: tuple[str, ...], task: str) -> None:
+    """A method term the task's module does not implement is an error naming both, not a no-op."""
+    unsupported = [t for t in OPTIONAL_TERMS if getattr(method, t) is not None and t not in supported]
+    if unsupported:
+        raise ValueError(
+            f"method={method.name} uses {', '.join('method.' + t for t in unsupported)}, which task={task} "
+            f"does not implement (it supports: {list(supported) or 'no extra terms'})"
+        )

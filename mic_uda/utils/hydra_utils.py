@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -40,6 +41,17 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("mic_uda_root", lambda: str(PROJECT_ROOT))
     if not OmegaConf.has_resolver("mic_uda_package_file"):
         OmegaConf.register_new_resolver("mic_uda_package_file", package_file)
+
+
+def instantiate_clearly(cfg: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, but a clear ValueError/OSError raised by the object itself is
+    re-raised as is instead of inside Hydra's InstantiationException wrapper."""
+    try:
+        return instantiate(cfg, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, (OSError, ValueError)):
+            raise e.__cause__ from None
+        raise
 
 
 def instantiate_dict(cfg: DictConfig | None, what: str) -> list[Any]:

@@ -71,3 +71,18 @@ def warmup_poly_scheduler(
         optimizer,
         lambda s: warmup_poly_factor(s, max_steps, warmup_steps, warmup_ratio, power, min_lr_ratio),
     )
+
+
+def inv_factor(step: int, max_steps: int, gamma: float = 10.0, power: float = 0.75) -> float:
+    """LR multiplier ``(1 + gamma p)^-power`` with progress ``p = step / max_steps`` (DANN/CDAN/SDAT:
+    their ``(1 + 0.001 i)^-0.75`` over 10k iterations is this with gamma = 10)."""
+    if max_steps <= 0:
+        raise ValueError(f"scheduler max_steps must be positive, got {max_steps}")
+    return float((1.0 + gamma * min(step, max_steps) / max_steps) ** (-power))
+
+
+def inv_scheduler(
+    optimizer: torch.optim.Optimizer, max_steps: int, gamma: float = 10.0, power: float = 0.75
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` over :func:`inv_factor` (checkpointed and restored by Lightning)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: inv_factor(s, max_steps, gamma, power))

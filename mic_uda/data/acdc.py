@@ -1,0 +1,61 @@
+"""ACDC (Sakaridis et al.) in its published layout, conditions read directly (no restructuring):
+``rgb_anon/<cond>/<split>/<seq>/*_rgb_anon.png``, ``gt/<cond>/<split>/<seq>/*_gt_labelTrainIds.png``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from mic_uda.data.seg_files import PairedSegDataset, pair_train_id_labels, require_dir, sorted_glob
+
+ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
+ACDC_LAYOUT = (
+    "<root>/rgb_anon/<fog|night|rain|snow>/<train|val|test>/<sequence>/*_rgb_anon.png and "
+    "<root>/gt/<condition>/<train|val>/<sequence>/*_gt_labelTrainIds.png (or *_gt_labelIds.png)"
+)
+
+
+class ACDC(PairedSegDataset):
+    """ACDC, 1920x1080 frames; all four conditions together by default, as in the MIC/HRDA benchmark.
+    Recipe (DAFormer-scale): resized to 960x540, 512 crops."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        conditions: Sequence[str] = ACDC_CONDITIONS,
+        with_labels: bool = True,
+        resize: Sequence[int] | None = (960, 540),
+        crop_size: int | None = 512,
+        hflip: bool = False,
+        cat_max_ratio: float = 1.0,
+        class_subset: Sequence[int] | None = None,
+    ) -> None:
+        root, conditions = Path(root), [conditions] if isinstance(conditions, str) else list(conditions)
+        unknown = [c for c in conditions if c not in ACDC_CONDITIONS]
+        if unknown or not conditions:
+            raise ValueError(
+                f"ACDC: conditions {conditions}: expected a non-empty subset of {ACDC_CONDITIONS}"
+            )
+        images = []
+        for cond in conditions:
+            img_dir = require_dir(root / "rgb_anon" / cond / split, "ACDC", ACDC_LAYOUT)
+            images += sorted_glob(img_dir, "*/*_rgb_anon.png", "ACDC", ACDC_LAYOUT)
+        pairs: list[tuple[Path, Path | None]] = [(p, None) for p in images]
+        mapping = None
+        if with_labels:
+            for cond in conditions:
+                require_dir(root / "gt" / cond / split, "ACDC", ACDC_LAYOUT)
+            pairs, mapping = pair_train_id_labels(
+                images,
+                lambda p, kind: (
+                    root
+                    / "gt"
+                    / p.relative_to(root / "rgb_anon").parent
+                    / p.name.replace("_rgb_anon.png", f"_gt_{kind}.png")
+                ),
+                "ACDC",
+            )
+        name = f"ACDC/{split}/{'+'.join(conditions)}"
+        super().__init__(pairs, 19, mapping, resize, crop_size, hflip, name, cat_max_ratio, class_subset)
