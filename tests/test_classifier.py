@@ -57,5 +57,5 @@ def test_missing_weights_file_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_unknown_timm_model_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="backbone.backbone='resnet_nope'"):
+    with pytest.raises(ValueError, match=r"backbone\.backbone='resnet_nope'"):
         ImageClassifier(num_classes=3, backbone="resnet_nope")
