@@ -14,8 +14,11 @@ import lightning as L
 import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torchmetrics import Metric
 
+from mic_uda.data.bad_samples import check_on_bad_sample
 from mic_uda.models.weights import require_weights_file
+from mic_uda.objective import check_objective, objective_value
 from mic_uda.tasks.method import check_terms, parse_method
 from mic_uda.utils.hydra_utils import (
     CONFIG_DIR,
@@ -24,6 +27,7 @@ from mic_uda.utils.hydra_utils import (
     instantiate_dict,
     register_resolvers,
     task_wrapper,
+    update_wandb_summary,
     write_json,
 )
 
@@ -32,18 +36,32 @@ register_resolvers()
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    """The data axis, told only whether the method may see target labels (the oracle)."""
+    """The data axis, told whether the method may see target labels (the oracle), the run seed (the
+    training loaders' resumable order and augmentation) and what to do with unreadable samples."""
     method = parse_method(cfg.method)
-    return instantiate(cfg.data.datamodule, target_labels=method.needs_target_labels, _recursive_=False)
+    return instantiate(
+        cfg.data.datamodule,
+        target_labels=method.needs_target_labels,
+        seed=cfg.seed,
+        on_bad_sample=cfg.data.get("on_bad_sample", "error"),
+        _recursive_=False,
+    )
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
-    """``last`` -> ``<run dir>/checkpoints/last.ckpt`` if it exists; explicit paths must exist."""
+    """``last`` -> ``<run dir>/checkpoints/last.ckpt`` if it exists; ``auto`` -> the newest of that and
+    the SLURM requeue checkpoints ``<run dir>/hpc_ckpt_*.ckpt`` (None: a fresh start); explicit paths
+    must exist."""
     if ckpt_path in (None, ""):
         return None
+    last = Path(output_dir) / "checkpoints" / "last.ckpt"
     if ckpt_path == "last":
-        last = Path(output_dir) / "checkpoints" / "last.ckpt"
         return str(last) if last.is_file() else None
+    if ckpt_path == "auto":
+        found = [p for p in [last, *Path(output_dir).glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+        newest = max(found, key=lambda p: p.stat().st_mtime, default=None)
+        log.info("ckpt_path=auto: %s", f"resuming from {newest}" if newest else "no checkpoint, fresh start")
+        return str(newest) if newest else None
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist")
     return ckpt_path
@@ -52,12 +70,17 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
 def validate_config(cfg: DictConfig) -> None:
     """Fail in the first second on what would otherwise fail after data loading."""
     method = parse_method(cfg.method)
+    check_objective(cfg)
     supported = getattr(get_class(cfg.task.module._target_), "supported_terms", None)
     if supported is not None:
         check_terms(method, supported, cfg.task.name)
-    weights = cfg.backbone.get("weights")
-    if weights:  # the same check the network runs when it loads them, only earlier
-        require_weights_file(Path(weights), cfg.backbone.get("encoder_name", "the encoder"))
+    for key in ("weights", "backbone_weights"):  # the network's own check, only earlier
+        weights = cfg.backbone.get(key)
+        if weights:
+            b = cfg.backbone
+            name = b.get("encoder_name") or b.get("backbone") or b.get("arch") or "the network"
+            require_weights_file(Path(weights), str(name))
+    check_on_bad_sample(cfg.data.get("on_bad_sample", "error"))
     if cfg.trainer.get("accelerator") == "gpu" and not torch.cuda.is_available():
         raise RuntimeError("trainer.accelerator=gpu but no CUDA device is visible; use trainer=cpu")
 
@@ -103,11 +126,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics.update(as_float_dict(trainer.callback_metrics))
     if cfg.get("test") and not trainer.fast_dev_run and trainer.is_global_zero:
         tester = trainer if trainer.world_size == 1 else single_device_tester(cfg)
+        if tester is not trainer:  # the spawned ranks' last validation counts come back with the module
+            for metric in model.modules():
+                if isinstance(metric, Metric):
+                    metric.reset()
         tester.test(model, datamodule=datamodule, verbose=False)  # the final weights, not a "best" pick
         metrics.update(as_float_dict(tester.callback_metrics))
         print(f"\nTarget evaluation ({cfg.data.name}, {cfg.method.name}, seed {cfg.seed}):")
         print(model.result_table())
     if trainer.is_global_zero:
+        last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        update_wandb_summary(  # the final (= last checkpoint's) metrics as the W&B run summary
+            {
+                **metrics,
+                "final/step": trainer.global_step,
+                "final/ckpt_path": str(last) if last.is_file() else "",
+            }
+        )
         write_json(
             Path(cfg.paths.output_dir) / "metrics.json",
             {
@@ -116,7 +151,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 "method": cfg.method.name,
                 "seed": cfg.seed,
                 "task": cfg.task.name,
-                "backbone": cfg.backbone.get("encoder_name") or cfg.backbone.get("backbone", "?"),
+                "backbone": cfg.backbone.get("encoder_name")
+                or cfg.backbone.get("backbone")
+                or cfg.backbone.get("arch", "?"),
                 "primary_metric": f"test/{model.primary_metric}",
                 "max_steps": cfg.trainer.max_steps,
             },
@@ -126,10 +163,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Console entry (`mic-uda-train`); returns the target metric (task.primary_metric) for sweepers."""
+    """Console entry (`mic-uda-train`); returns `optimized_metric` (label-free by default) for sweepers."""
     torch.set_float32_matmul_precision("high")
     metrics = train(cfg)
-    return metrics.get(f"test/{cfg.task.primary_metric}", metrics.get(f"val/{cfg.task.primary_metric}"))
+    return objective_value(cfg, metrics)
 
 
 if __name__ == "__main__":

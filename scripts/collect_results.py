@@ -1,10 +1,17 @@
-"""Summarise run folders (a sweep, or any folder tree) into mean/std tables per (data, method).
+"""Summarise run folders (a sweep, or any folder tree) into mean/std tables per (task, data, method).
 
-    python scripts/collect_results.py logs/train/multiruns/<time> [more dirs] [--metric test/mIoU]
+    python scripts/collect_results.py logs/train/multiruns/<time> [more dirs] [--metric KEY ...]
         [--csv out.csv] [--md out.md]
 
-Reads every ``metrics.json`` written by ``mic_uda.train``; the wall time of a run is the time from
-its ``.hydra/config.yaml`` to its ``metrics.json``.
+Reads every ``metrics.json`` written by ``mic_uda.train`` (segmentation, classification, detection
+alike). Without ``--metric`` each run is summarised by its own ``primary_metric`` (recorded in
+metrics.json: ``test/mIoU`` for seg, ``test/acc`` or ``test/mean_class_acc`` for cls, ...), so a
+folder mixing tasks gives one row per (task, data, method) with the right metric; ``--metric`` (may be
+repeated) picks keys explicitly, e.g. ``--metric test/teacher/mIoU`` or the Optuna objective
+``--metric train/loss_sup_avg``. One row per (task, data, method, other overrides, metric): runs that
+differ only in ``seed`` are averaged, runs whose command-line overrides differ in anything else (an
+Optuna trial's sampled values, ``method.mic.ratio=0.5,0.7``) get their own row with an ``overrides``
+column. The wall time of a run is the time from its ``.hydra/config.yaml`` to its ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -12,9 +19,29 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
+
+import yaml
+
+#: primary metric of runs whose metrics.json predates the "primary_metric" entry
+DEFAULT_PRIMARY = {"seg": "test/mIoU", "cls": "test/acc", "det": "test/mAP50"}
+
+FIELDS = ["task", "data", "method", "overrides", "metric", "n", "seeds", "mean", "std", "values", "wall_min"]
+
+#: override keys that are columns already or do not change the result, and prefixes of such keys
+NOT_A_VARIANT = {"seed", "method", "data", "task", "ckpt_path"}
+NOT_A_VARIANT_PREFIXES = ("hydra.", "hydra/", "paths.")
+
+
+def variant(run_dir: Path) -> list[str]:
+    """The run's command-line overrides other than seed/method/data/task (``.hydra/overrides.yaml``)."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    overrides = yaml.safe_load(path.read_text()) if path.is_file() else None
+    keys = [(o, o.lstrip("+~").split("=")[0]) for o in overrides or []]
+    return [o for o, k in keys if k not in NOT_A_VARIANT and not k.startswith(NOT_A_VARIANT_PREFIXES)]
 
 
 def load_runs(roots: list[Path]) -> list[dict]:
@@ -22,67 +49,96 @@ def load_runs(roots: list[Path]) -> list[dict]:
     for root in roots:
         for path in sorted(root.rglob("metrics.json")):
             summary = json.loads(path.read_text())
+            if "metrics" not in summary:
+                continue  # not a training run's summary
             cfg = path.parent / ".hydra" / "config.yaml"
             summary["wall_s"] = path.stat().st_mtime - cfg.stat().st_mtime if cfg.is_file() else float("nan")
             summary["dir"] = str(path.parent)
+            summary["overrides"] = variant(path.parent)
             runs.append(summary)
     return runs
 
 
-def summarise(runs: list[dict], metrics: list[str]) -> list[dict]:
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+def primary_metric(run: dict) -> str:
+    """The run's own primary metric, else the task's default, else whichever known key it has."""
+    if run.get("primary_metric"):
+        return run["primary_metric"]
+    if run.get("task") in DEFAULT_PRIMARY:
+        return DEFAULT_PRIMARY[run["task"]]
+    return next((m for m in DEFAULT_PRIMARY.values() if m in run.get("metrics", {})), "test/mIoU")
+
+
+def summarise(runs: list[dict], metrics: list[str] | None = None) -> list[dict]:
+    """One row per (task, data, method, overrides, metric): n, seeds, mean, std, per-seed values, wall."""
+    # overrides every run shares (e.g. trainer.max_steps=2000 of the whole sweep) distinguish nothing
+    common = set.intersection(*(set(r.get("overrides", [])) for r in runs)) if runs else set()
+    groups: dict[tuple[str, str, str, str], list[dict]] = defaultdict(list)
     for r in runs:
-        groups[(r.get("data", "?"), r.get("method", "?"))].append(r)
+        differing = " ".join(sorted(set(r.get("overrides", [])) - common))
+        groups[(r.get("task", "seg"), r.get("data", "?"), r.get("method", "?"), differing)].append(r)
     rows = []
-    for (data, method), rs in sorted(groups.items()):
-        row = {
-            "data": data,
-            "method": method,
-            "n": len(rs),
-            "seeds": ",".join(str(r.get("seed")) for r in rs),
-        }
-        for m in metrics:
-            vals = [r["metrics"][m] for r in rs if m in r.get("metrics", {})]
-            row[f"{m} mean"] = statistics.fmean(vals) if vals else float("nan")
-            row[f"{m} std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0 if vals else float("nan")
-            row[f"{m} values"] = " / ".join(f"{v:.2f}" for v in vals)
-        row["wall_min mean"] = statistics.fmean(r["wall_s"] for r in rs) / 60
-        rows.append(row)
+    for (task, data, method, overrides), rs in sorted(groups.items()):
+        keys = metrics or list(dict.fromkeys(primary_metric(r) for r in rs))
+        for m in keys:
+            with_m = [r for r in rs if m in r.get("metrics", {})]
+            vals = [float(r["metrics"][m]) for r in with_m]
+            walls = [r["wall_s"] for r in with_m if not math.isnan(r["wall_s"])]
+            rows.append(
+                {
+                    "task": task,
+                    "data": data,
+                    "method": method,
+                    "overrides": overrides,
+                    "metric": m,
+                    "n": len(vals),
+                    "seeds": ",".join(str(r.get("seed")) for r in with_m),
+                    "mean": statistics.fmean(vals) if vals else float("nan"),
+                    "std": statistics.stdev(vals) if len(vals) > 1 else 0.0 if vals else float("nan"),
+                    "values": " / ".join(f"{v:.2f}" for v in vals),
+                    "wall_min": statistics.fmean(walls) / 60 if walls else float("nan"),
+                }
+            )
     return rows
 
 
-def markdown(rows: list[dict], metrics: list[str]) -> str:
-    head = ["data", "method", "seeds"] + [f"{m} (mean ± std)" for m in metrics] + ["per seed", "wall (min)"]
+def markdown(rows: list[dict]) -> str:
+    """The table; an ``overrides`` column only when some runs differ in more than the seed."""
+    variants = any(r["overrides"] for r in rows)
+    head = ["task", "data", "method", *(["overrides"] if variants else []), "metric", "seeds"]
+    head += ["mean ± std", "per seed", "wall (min)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["data"], r["method"], r["seeds"]]
-        cells += [f"{r[f'{m} mean']:.2f} ± {r[f'{m} std']:.2f}" for m in metrics]
-        cells += [r[f"{metrics[0]} values"], f"{r['wall_min mean']:.1f}"]
+        cells = [r["task"], r["data"], r["method"], *([r["overrides"]] if variants else []), r["metric"]]
+        cells.append(r["seeds"])
+        cells += [f"{r['mean']:.2f} ± {r['std']:.2f}", r["values"], f"{r['wall_min']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def main() -> None:
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("roots", nargs="+", type=Path)
-    p.add_argument("--metric", action="append", help="metric keys (default: test/mIoU)")
-    p.add_argument("--csv", type=Path)
-    p.add_argument("--md", type=Path)
-    args = p.parse_args()
-    metrics = args.metric or ["test/mIoU"]
+    p.add_argument("--metric", action="append", help="metric key(s) (default: each run's primary_metric)")
+    p.add_argument("--csv", type=Path, help="also write the table as CSV")
+    p.add_argument("--md", type=Path, help="also write the table as Markdown")
+    args = p.parse_args(argv)
     runs = load_runs(args.roots)
     if not runs:
         raise SystemExit(f"no metrics.json under {[str(r) for r in args.roots]}")
-    rows = summarise(runs, metrics)
-    table = markdown(rows, metrics)
+    rows = summarise(runs, args.metric)
+    table = markdown(rows)
     print(table)
     if args.md:
         args.md.write_text(table + "\n")
     if args.csv:
-        with args.csv.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(rows, args.csv)
 
 
 if __name__ == "__main__":

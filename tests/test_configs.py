@@ -30,14 +30,25 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
-def classification_only(group: str, option: str) -> bool:
-    """Options that only make sense under task=cls (read from the file, so new ones are covered)."""
+def task_of(group: str, option: str) -> str | None:
+    """The task an option belongs to when it is not segmentation (read from the file, so new options
+    are covered): classification (``cls``) or detection (``det``)."""
     text = (CONFIG_DIR / group / f"{option}.yaml").read_text()
-    return {
+    det = {
+        "data": "mic_uda.data.boxes" in text or "mic_uda.data.det_files" in text,
+        "backbone": "mic_uda.models.detector" in text,
+        "method": "sada:" in text,
+    }.get(group, False)
+    cls = {
         "data": "image_size:" in text and "palette:" not in text,
         "backbone": "mic_uda.models.classifier" in text,
         "method": "cdan:" in text,
     }.get(group, False)
+    return "det" if det else "cls" if cls else None
+
+
+def classification_only(group: str, option: str) -> bool:
+    return task_of(group, option) == "cls"
 
 
 ALL = [(g, o) for g in GROUPS for o in options(g)]
@@ -45,18 +56,19 @@ ALL = [(g, o) for g in GROUPS for o in options(g)]
 
 @pytest.mark.parametrize(("group", "option"), ALL, ids=[f"{g}={o}" for g, o in ALL])
 def test_every_option_composes(group: str, option: str, make_cfg) -> None:
-    task = ["task=cls"] if classification_only(group, option) else []
+    task = [f"task={task_of(group, option)}"] if task_of(group, option) else []
     cfg = make_cfg([*task, f"{group}={option}"], tiny=False)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     parse_method(cfg.method)
 
 
-SHARED_METHODS = [o for o in options("method") if o != "dacs" and not classification_only("method", o)]
+SHARED_METHODS = [o for o in options("method") if o != "dacs" and task_of("method", o) is None]
 
 
+@pytest.mark.parametrize("task", ["cls", "det"])
 @pytest.mark.parametrize("method", SHARED_METHODS)
-def test_shared_methods_compose_under_cls(method: str, make_cfg) -> None:
-    cfg = make_cfg(["task=cls", f"method={method}"], tiny=False)
+def test_shared_methods_compose_under_cls_and_det(task: str, method: str, make_cfg) -> None:
+    cfg = make_cfg([f"task={task}", f"method={method}"], tiny=False)
     OmegaConf.to_container(cfg, resolve=True)
     assert parse_method(cfg.method).mix is None  # ClassMix is segmentation-only
 

@@ -6,12 +6,15 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import CombinedLoader
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
+from mic_uda.data.bad_samples import SkipBadSamples, check_on_bad_sample
 from mic_uda.data.rcs import RareClassSampling, RCSConfig, parse_rcs
+from mic_uda.data.resumable import ResumableLoader, mix_seed
 from mic_uda.utils.hydra_utils import instantiate_clearly
 
 
@@ -54,6 +57,9 @@ class UDADataModule(L.LightningDataModule):
 
     ``target_labels=True`` keeps target labels in training batches: only for the oracle.
     ``rcs`` (``data.rcs``): rare class sampling of the source (mic_uda.data.rcs) when ``enabled``.
+    ``seed`` (the run seed): the training loaders' order and per-sample augmentation, which resume exactly
+    from a checkpoint (mic_uda.data.resumable). ``on_bad_sample`` (``data.on_bad_sample``): ``error`` or
+    ``skip`` unreadable samples (mic_uda.data.bad_samples).
     """
 
     def __init__(
@@ -70,6 +76,8 @@ class UDADataModule(L.LightningDataModule):
         persistent_workers: bool = False,
         target_labels: bool = False,
         rcs: Mapping[str, Any] | RCSConfig | None = None,
+        seed: int = 0,
+        on_bad_sample: str = "error",
     ) -> None:
         super().__init__()
         self.cfgs = {
@@ -83,6 +91,7 @@ class UDADataModule(L.LightningDataModule):
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers and num_workers > 0
         self.target_labels = target_labels
         self.rcs = parse_rcs(rcs)
+        self.seed, self.on_bad_sample = int(seed), check_on_bad_sample(on_bad_sample)
         self.datasets: dict[str, Dataset] = {}
 
     @property
@@ -109,28 +118,53 @@ class UDADataModule(L.LightningDataModule):
                     ds = WithoutLabels(ds)
                 if key == "source" and self.rcs_enabled and not isinstance(ds, RareClassSampling):
                     ds = RareClassSampling(ds, self.rcs)  # type: ignore[arg-type]
+                if self.on_bad_sample == "skip":
+                    ds = SkipBadSamples(ds, key)
                 self.datasets[key] = ds
 
-    def _loader(self, key: str, batch_size: int, train: bool) -> DataLoader:
+    def _loader(self, key: str, batch_size: int) -> DataLoader:
+        """An evaluation loader (in order); its own generator keeps ``iter()`` off the global RNG."""
         return DataLoader(
             self.datasets[key],
             batch_size=batch_size,
-            shuffle=train,
-            drop_last=train,
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            generator=torch.Generator().manual_seed(mix_seed(self.seed, 99)),
+        )
+
+    def _train_loader(self, key: str, batch_size: int, stream: int) -> ResumableLoader:
+        """Seeded, exactly resumable order and augmentation (mic_uda.data.resumable), sharded per rank."""
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        loader = ResumableLoader(
+            self.datasets[key],
+            batch_size=batch_size,
+            seed=self.seed,
+            stream=stream,
+            num_replicas=world,
+            rank=rank,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
         )
+        if len(loader) == 0:
+            raise ValueError(
+                f"data.{key} has {len(self.datasets[key])} samples: fewer than one batch of {batch_size} "  # type: ignore[arg-type]
+                f"per device ({world} device(s)); lower the batch size or add data"
+            )
+        return loader
 
     def train_dataloader(self) -> CombinedLoader:
         loaders = {
-            "source": self._loader("source", self.batch_size, train=True),
-            "target": self._loader("target", self.target_batch_size, train=True),
+            "source": self._train_loader("source", self.batch_size, stream=0),
+            "target": self._train_loader("target", self.target_batch_size, stream=1),
         }
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.val_batch_size, train=False)
+        return self._loader("val", self.val_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.val_batch_size, train=False)
+        return self._loader("test", self.val_batch_size)

@@ -22,8 +22,12 @@ file sizes) and of what decides the ids (reader, id mapping, class subset). The 
 the key: counts are at label resolution, so one cache serves every recipe. Writes are atomic.
 
 Randomness. Draws come from a ``torch.Generator`` the wrapper owns, seeded from ``torch.initial_seed()``
-of the process that samples (Lightning seeds every DataLoader worker from the run seed, worker id and
-rank) plus the DDP rank in the main process, so a fixed seed gives the same samples and ranks differ.
+of the process that samples plus the DDP rank in the main process, and re-created whenever that seed
+changes. In training, UDADataModule's loaders seed torch for every sample from (run seed, stream
+position) (mic_uda.data.resumable.seeded_sample), so each draw is a function of the sample's position in
+the rank's data stream: the same in any worker, different across ranks, and identical after resuming
+from a checkpoint (the loader's position is the whole state; :meth:`state_dict` is only needed when
+sampling outside such a loader).
 """
 
 from __future__ import annotations

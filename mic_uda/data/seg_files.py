@@ -103,8 +103,9 @@ class PairedSegDataset(Dataset):
     re-draws a crop (up to 10 times) while one class covers more than that share of its labelled
     pixels (mmseg's ``RandomCrop``, 0.75 in the papers' source pipelines). ``class_subset`` keeps only
     these train ids, renumbered 0..k-1 in that order (others -> 255), e.g. the 16 SYNTHIA classes.
-    Randomness uses torch's global RNG (Lightning seeds it per DataLoader worker) unless a
-    ``generator`` is passed to :meth:`augment` / :func:`crop_offsets` (rare class sampling owns one).
+    Randomness uses torch's global RNG unless a ``generator`` is passed to :meth:`augment` /
+    :func:`crop_offsets` (rare class sampling owns one); UDADataModule's training loaders seed it per
+    sample from the stream position (mic_uda.data.resumable), so crops and flips repeat after a resume.
     """
 
     def __init__(
@@ -147,8 +148,8 @@ class PairedSegDataset(Dataset):
         """The raw ids of a label file (first channel of a colour PNG), as int64."""
         try:
             arr = np.array(Image.open(path))
-        except OSError as e:
-            raise OSError(f"{path}: cannot read label ({e})") from e
+        except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
+            raise OSError(f"{path}: cannot read label ({type(e).__name__}: {e})") from e
         if arr.ndim == 3:
             arr = arr[..., 0]
         return torch.from_numpy(arr.astype(np.int64))
@@ -174,8 +175,8 @@ class PairedSegDataset(Dataset):
         img_path, lbl_path = self.pairs[i]
         try:
             image = torch.from_numpy(np.array(Image.open(img_path).convert("RGB"))).permute(2, 0, 1)
-        except OSError as e:
-            raise OSError(f"{img_path}: cannot read image ({e})") from e
+        except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
+            raise OSError(f"{img_path}: cannot read image ({type(e).__name__}: {e})") from e
         image = image.float().div_(255)
         label = self.read_label(lbl_path) if lbl_path is not None else None
         if label is not None and label.shape != image.shape[-2:]:

@@ -23,7 +23,7 @@ from mic_uda.uda.augment import StrongAugment
 from mic_uda.uda.bn import set_teacher_mode
 from mic_uda.uda.ema import copy_weights, ema_update
 from mic_uda.utils.optim import param_groups, warmup_poly_scheduler
-from mic_uda.utils.seeding import rank_generator
+from mic_uda.utils.seeding import global_rng_states, rank_generator, set_global_rng_states
 
 
 def plain(cfg: Any) -> Any:
@@ -75,6 +75,7 @@ class UDAModuleBase(L.LightningModule):
         self.num_classes, self.class_names = num_classes, class_names
         self.generator: torch.Generator | None = None
         self._pending_generator_state: torch.Tensor | None = None
+        self._pending_rng_states: dict[str, Any] | None = None
         self.max_bad_steps = int(max_bad_steps)
         self.bad_steps = 0  # consecutive non-finite steps
         self.skipped_steps = 0  # all skipped steps of the run
@@ -88,6 +89,12 @@ class UDAModuleBase(L.LightningModule):
             self.student.load_encoder_weights(self.pretrained_weights)
         if stage == "fit" and self.teacher is not None:
             copy_weights(self.teacher, self.student)  # resumed runs overwrite this from the checkpoint
+
+    def on_train_start(self) -> None:
+        """A resumed run continues the global RNG streams (dropout, drop-path) from the checkpoint."""
+        if self._pending_rng_states is not None and self.trainer.ckpt_path:
+            set_global_rng_states(self._pending_rng_states)
+        self._pending_rng_states = None
 
     def train(self, mode: bool = True) -> UDAModuleBase:
         """Lightning toggles train()/eval() on the whole module; the teacher keeps its own mode."""
@@ -173,14 +180,26 @@ class UDAModuleBase(L.LightningModule):
 
     # ----------------------------------------------------------------- checkpoint state
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Called on every rank (rank 0 writes the file): each rank's generator state is gathered."""
         checkpoint["mic_uda_module"] = f"{type(self).__module__}.{type(self).__qualname__}"
         checkpoint["uda_skipped_steps"] = self.skipped_steps
+        checkpoint["uda_bad_steps"] = self.bad_steps
+        checkpoint["uda_rng_states"] = global_rng_states()
         if self.generator is not None:
             checkpoint["uda_generator_state"] = self.generator.get_state()
+            if self._trainer is not None and self.trainer.world_size > 1:
+                gathered = self.all_gather(self.generator.get_state().to(self.device))
+                checkpoint["uda_generator_states"] = [s.cpu().clone() for s in gathered]  # own storage
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_steps = int(checkpoint.get("uda_skipped_steps", 0))
+        self.bad_steps = int(checkpoint.get("uda_bad_steps", 0))
+        self._pending_rng_states = checkpoint.get("uda_rng_states")
         state = checkpoint.get("uda_generator_state")
+        per_rank = checkpoint.get("uda_generator_states")
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if per_rank is not None and len(per_rank) == world:
+            state = per_rank[self.global_rank].clone()  # set_state crashes on a view with an offset
         if state is not None:
             if self.generator is not None:
                 self.generator.set_state(state)

@@ -77,6 +77,17 @@ class SamConfig:
 
 
 @dataclass
+class SadaConfig:
+    """Scale-aware image + instance domain alignment for Faster R-CNN (det: SADA)."""
+
+    image_weight: float = 1.0
+    instance_weight: float = 1.0
+    consistency_weight: float = 0.1
+    image_grl: float = 0.1
+    instance_grl: float = 0.1
+
+
+@dataclass
 class MethodConfig:
     name: str = "source_only"
     supervised_domain: str = "source"  # "target" only for the target-supervised oracle
@@ -89,6 +100,7 @@ class MethodConfig:
     cdan: CdanConfig | None = None  # conditional adversarial alignment (cls: SDAT)
     mcc: MccConfig | None = None  # minimum class confusion (cls: SDAT)
     sam: SamConfig | None = None  # sharpness-aware task loss (cls: SDAT)
+    sada: SadaConfig | None = None  # image/instance domain alignment (det: SADA)
 
     @property
     def needs_teacher(self) -> bool:
@@ -125,7 +137,7 @@ def parse_method(cfg: Any) -> MethodConfig:
     return method
 
 
-OPTIONAL_TERMS = ("mix", "mic", "cdan", "mcc", "sam")
+OPTIONAL_TERMS = ("mix", "mic", "cdan", "mcc", "sam", "sada")
 
 
 def check_terms(method: MethodConfig, supported: tuple[str, ...], task: str) -> None:

@@ -34,13 +34,21 @@ def package_file(package: str, relative: str) -> str:
     return str(path)
 
 
+def first_set(*values: Any) -> Any:
+    """``${mic_uda_first:a,b,...}``: the first value that is set (not None / empty / "null")."""
+    return next((v for v in values if v not in (None, "", "null", "None")), None)
+
+
 def register_resolvers() -> None:
     """``${mic_uda_root:}`` = the project checkout, so default paths work from any working dir;
-    ``${mic_uda_package_file:pkg,relative/path}`` = a file inside an installed package."""
+    ``${mic_uda_package_file:pkg,relative/path}`` = a file inside an installed package;
+    ``${mic_uda_first:a,b}`` = the first of its arguments that is set."""
     if not OmegaConf.has_resolver("mic_uda_root"):
         OmegaConf.register_new_resolver("mic_uda_root", lambda: str(PROJECT_ROOT))
     if not OmegaConf.has_resolver("mic_uda_package_file"):
         OmegaConf.register_new_resolver("mic_uda_package_file", package_file)
+    if not OmegaConf.has_resolver("mic_uda_first"):
+        OmegaConf.register_new_resolver("mic_uda_first", first_set)
 
 
 def instantiate_clearly(cfg: Any, **kwargs: Any) -> Any:
@@ -77,6 +85,16 @@ def close_loggers() -> None:
         return
     if wandb.run is not None:
         wandb.finish()
+
+
+def update_wandb_summary(values: dict[str, Any]) -> None:
+    """Put the run's final metrics into the W&B run summary (the numbers W&B tables show per run)."""
+    try:
+        import wandb
+    except ImportError:  # pragma: no cover
+        return
+    if wandb.run is not None:
+        wandb.run.summary.update(values)
 
 
 def task_wrapper(fn: Callable[[DictConfig], dict[str, Any]]) -> Callable[[DictConfig], dict[str, Any]]:

@@ -28,8 +28,11 @@ def mean_iou(iou: torch.Tensor) -> float:
     return nan_mean(iou)
 
 
-def format_iou_table(class_names: Sequence[str], columns: dict[str, torch.Tensor]) -> str:
-    """A plain-text per-class IoU table (percent), one column per model, with the mIoU row."""
+def format_iou_table(
+    class_names: Sequence[str], columns: dict[str, torch.Tensor], mean_label: str = "mIoU"
+) -> str:
+    """A plain-text per-class table (percent; IoU, or AP for detection), one column per model, with
+    the mean row (NaN classes skipped)."""
     names = list(class_names)
     width = max(8, *(len(n) for n in names))
     header = f"{'class':<{width}} " + " ".join(f"{c:>9}" for c in columns)
@@ -37,7 +40,7 @@ def format_iou_table(class_names: Sequence[str], columns: dict[str, torch.Tensor
     for i, n in enumerate(names):
         lines.append(f"{n:<{width}} " + " ".join(f"{100 * float(v[i]):9.2f}" for v in columns.values()))
     lines.append("-" * len(header))
-    lines.append(f"{'mIoU':<{width}} " + " ".join(f"{100 * mean_iou(v):9.2f}" for v in columns.values()))
+    lines.append(f"{mean_label:<{width}} " + " ".join(f"{100 * nan_mean(v):9.2f}" for v in columns.values()))
     return "\n".join(lines)
 
 

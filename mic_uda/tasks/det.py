@@ -1,0 +1,194 @@
+"""Object-detection UDA: one LightningModule for source-only, oracle, SADA, MIC and SADA+MIC.
+
+Terms (method config; maths in :mod:`mic_uda.uda`):
+- ``sada``: image-level (per FPN level) and instance-level (ROI) domain discriminators behind
+  gradient reversal + their consistency (:mod:`mic_uda.uda.sada`);
+- ``mic``: the EMA teacher's detections on the clean target image with score > threshold (0.8)
+  are pseudo ground truth; the student sees a photometrically augmented, block-masked target image
+  (block 32, ratio 0.5) and is trained with the RPN objectness and ROI classification losses only.
+Augmentation is photometric only, so boxes stay valid; images stay in [0, 1] (no 0..255 clamp).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torchmetrics.detection import MeanAveragePrecision
+
+from mic_uda.data.boxes import unpad_targets
+from mic_uda.tasks.base import UDAModuleBase, plain
+from mic_uda.uda.bn import frozen_bn_statistics
+from mic_uda.uda.masking import apply_mask, block_mask
+from mic_uda.uda.sada import ScaleAwareAlignment
+from mic_uda.utils.metrics import format_iou_table
+
+#: the losses the masked target image trains (SPEC section 4): no box regression on pseudo boxes
+MIC_DET_LOSSES = ("loss_objectness", "loss_classifier")
+
+
+def pseudo_targets(
+    detections: Sequence[Mapping[str, torch.Tensor]], threshold: float
+) -> list[dict[str, torch.Tensor]]:
+    """Teacher detections with score > ``threshold`` as targets (boxes, labels); may be empty."""
+    out = []
+    for d in detections:
+        keep = d["scores"] > threshold
+        out.append({"boxes": d["boxes"][keep].detach(), "labels": d["labels"][keep].detach()})
+    return out
+
+
+class DetUDAModule(UDAModuleBase):
+    """Faster R-CNN student (+ EMA teacher, + SADA discriminators) for detection UDA."""
+
+    supported_terms = ("mic", "sada")
+    primary_metric = "mAP50"
+
+    def __init__(
+        self,
+        net: Mapping[str, Any],
+        method: Mapping[str, Any],
+        num_classes: int,
+        class_names: Sequence[str],
+        optimizer: Mapping[str, Any],
+        scheduler: Mapping[str, Any],
+        param_group_keys: Mapping[str, Mapping[str, float]] | None = None,
+        seed: int = 0,
+        max_bad_steps: int = 20,
+    ) -> None:
+        super().__init__(
+            net, method, num_classes, class_names, optimizer, scheduler, param_group_keys, seed, max_bad_steps
+        )
+        self.save_hyperparameters(
+            {
+                "net": plain(net),
+                "method": plain(method),
+                "num_classes": num_classes,
+                "class_names": list(class_names),
+                "optimizer": plain(optimizer),
+                "scheduler": plain(scheduler),
+                "param_group_keys": plain(param_group_keys),
+                "seed": seed,
+                "max_bad_steps": max_bad_steps,
+            }
+        )
+        if not hasattr(self.student, "supervised"):
+            raise ValueError(
+                "task=det needs a detection backbone (mic_uda.models.detector.FasterRCNNDetector, e.g. "
+                f"backbone=fasterrcnn_r50_fpn|fasterrcnn_mobilenet_fpn), got {type(self.student).__name__}"
+            )
+        s = self.method.sada
+        self.alignment: ScaleAwareAlignment | None = None
+        if s is not None:
+            self.alignment = ScaleAwareAlignment(
+                self.student.feature_channels,
+                self.student.instance_dim,
+                self.student.feature_levels,
+                s.image_weight,
+                s.instance_weight,
+                s.consistency_weight,
+                s.image_grl,
+                s.instance_grl,
+            )
+        names = ["student", "teacher"] if self.teacher is not None else ["student"]
+        self.val_map = nn.ModuleDict(
+            {n: MeanAveragePrecision(iou_thresholds=[0.5], class_metrics=True) for n in names}
+        )
+        self.last_ap: dict[str, torch.Tensor] = {}
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        modules: dict[str, nn.Module] = {"student": self.student}
+        if self.alignment is not None:
+            modules["alignment"] = self.alignment
+        return modules
+
+    # ----------------------------------------------------------------- training
+    def training_step(self, batch: Mapping[str, Mapping[str, torch.Tensor]], batch_idx: int) -> None:
+        m, g = self.method, self.generator
+        assert g is not None, "setup() creates the generator"
+        src, tgt = batch["source"], batch["target"]
+        sup = tgt if m.needs_target_labels else src
+        logs: dict[str, torch.Tensor] = {}
+
+        losses, feats_s, inst_s, rois_s = self.student.supervised(
+            sup["image"], unpad_targets(sup["boxes"], sup["labels"])
+        )
+        loss = sum(losses.values())
+        logs.update({f"train/det_{k}": v.detach() for k, v in losses.items()})
+        logs["train/loss_sup"] = loss.detach()
+        if self.alignment is not None:
+            feats_t, inst_t, rois_t = self.student.unsupervised_features(tgt["image"])
+            parts = self.alignment(feats_s, inst_s, rois_s, feats_t, inst_t, rois_t)
+            logs.update({f"train/sada_{k}": v.detach() for k, v in parts.items() if k != "total"})
+            logs["train/loss_sada"] = parts["total"].detach()
+            loss = loss + parts["total"]
+        self.manual_backward(loss)
+
+        if m.mic is not None:
+            logs.update(self._mic_term(tgt["image"], g))
+        self.finish_step(logs)
+
+    def _mic_term(self, x_t: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
+        assert self.teacher is not None
+        m = self.method
+        with torch.no_grad():
+            targets = pseudo_targets(self.teacher(x_t), m.pseudo_label.threshold)
+        b, _, h, w = x_t.shape
+        keep = block_mask(b, h, w, m.mic.block_size, m.mic.ratio, g, device=x_t.device).to(x_t.dtype)
+        x_k = apply_mask(self.augment(x_t, g), keep, self.mask_fill())
+        with frozen_bn_statistics(self.student, enabled=m.student_bn == "source"):
+            losses, *_ = self.student.supervised(x_k, targets)
+        loss = m.mic.weight * sum(losses[k] for k in MIC_DET_LOSSES)
+        self.manual_backward(loss)
+        n_boxes = sum(len(t["boxes"]) for t in targets)
+        return {"train/loss_mic": loss.detach(), "train/pseudo_boxes_per_image": torch.tensor(n_boxes / b)}
+
+    # ----------------------------------------------------------------- evaluation
+    def _eval_step(self, batch: Mapping[str, torch.Tensor]) -> None:
+        targets = unpad_targets(batch["boxes"], batch["labels"])
+        self.val_map["student"].update(self.student(batch["image"]), targets)
+        if self.teacher is not None:
+            self.val_map["teacher"].update(self.teacher(batch["image"]), targets)
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def _per_class_ap(self, result: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """AP@0.5 per class 1..K in class order (NaN for classes absent from the split)."""
+        ap = torch.full((self.num_classes,), float("nan"))
+        classes = result["classes"].view(-1).tolist()
+        values = result["map_per_class"].view(-1).tolist()
+        for c, v in zip(classes, values):
+            if 1 <= c <= self.num_classes and v >= 0:
+                ap[c - 1] = v
+        return ap
+
+    def _eval_epoch_end(self, prefix: str) -> None:
+        for name, metric in self.val_map.items():
+            result = metric.compute()
+            metric.reset()
+            ap = self._per_class_ap(result)
+            self.last_ap[name] = ap
+            mean = float(torch.nanmean(ap)) if not torch.isnan(ap).all() else float("nan")
+            self.log(f"{prefix}/{name}/mAP50", 100 * mean if not math.isnan(mean) else mean)
+            for cname, v in zip(self.class_names, ap.tolist()):
+                self.log(f"{prefix}/{name}/AP50_{cname}", 100 * v if not math.isnan(v) else v)
+        student = self.last_ap["student"]
+        mean = float(torch.nanmean(student)) if not torch.isnan(student).all() else float("nan")
+        self.log(f"{prefix}/mAP50", 100 * mean if not math.isnan(mean) else mean, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def result_table(self) -> str:
+        """Per-class AP@0.5 of the last evaluation, student and teacher side by side."""
+        return format_iou_table(self.class_names, self.last_ap, mean_label="mAP50")
