@@ -97,7 +97,7 @@ def test_cityscapes_detection_errors(tmp_path: Path) -> None:
         CityscapesDetection(tmp_path, "val", foggy=True)
     _write_cityscapes(tmp_path, False)
     next((tmp_path / "gtFine").rglob("*instanceIds.png")).unlink()
-    with pytest.raises(FileNotFoundError, match="instanceIds.png.*not found"):
+    with pytest.raises(FileNotFoundError, match=r"instanceIds\.png.*not found"):
         CityscapesDetection(tmp_path, "val")
 
 
