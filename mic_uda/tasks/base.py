@@ -55,9 +55,26 @@ class UDAModuleBase(L.LightningModule):
         param_group_keys: Mapping[str, Mapping[str, float]] | None = None,
         seed: int = 0,
         max_bad_steps: int = 20,
+        **task_hparams: Any,
     ) -> None:
+        """``task_hparams``: the subclass's own constructor arguments (e.g. ``ignore_index``), saved
+        with the shared ones so ``load_from_checkpoint`` can rebuild the subclass."""
         super().__init__()
         self.automatic_optimization = False
+        self.save_hyperparameters(
+            {
+                "net": plain(net),
+                "method": plain(method),
+                "num_classes": num_classes,
+                "class_names": list(class_names),
+                "optimizer": plain(optimizer),
+                "scheduler": plain(scheduler),
+                "param_group_keys": plain(param_group_keys),
+                "seed": seed,
+                "max_bad_steps": max_bad_steps,
+                **{k: plain(v) for k, v in task_hparams.items()},
+            }
+        )
         net_cfg = dict(plain(net))
         class_names = list(class_names)
         if len(class_names) != num_classes:

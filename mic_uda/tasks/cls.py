@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from mic_uda.tasks.base import UDAModuleBase, plain
+from mic_uda.tasks.base import UDAModuleBase
 from mic_uda.uda import sam
 from mic_uda.uda.adversarial import ConditionalDomainAdversarial, grl_coefficient
 from mic_uda.uda.bn import frozen_bn_statistics
@@ -59,21 +59,16 @@ class ClsUDAModule(UDAModuleBase):
         primary_metric: str = "acc",
     ) -> None:
         super().__init__(
-            net, method, num_classes, class_names, optimizer, scheduler, param_group_keys, seed, max_bad_steps
-        )
-        self.save_hyperparameters(
-            {
-                "net": plain(net),
-                "method": plain(method),
-                "num_classes": num_classes,
-                "class_names": list(class_names),
-                "optimizer": plain(optimizer),
-                "scheduler": plain(scheduler),
-                "param_group_keys": plain(param_group_keys),
-                "seed": seed,
-                "max_bad_steps": max_bad_steps,
-                "primary_metric": primary_metric,
-            }
+            net,
+            method,
+            num_classes,
+            class_names,
+            optimizer,
+            scheduler,
+            param_group_keys,
+            seed,
+            max_bad_steps,
+            primary_metric=primary_metric,
         )
         if primary_metric not in PRIMARY_METRICS:
             raise ValueError(f"task.primary_metric={primary_metric!r} is not one of {list(PRIMARY_METRICS)}")

@@ -20,7 +20,7 @@ from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 
 from mic_uda.data.boxes import unpad_targets
-from mic_uda.tasks.base import UDAModuleBase, plain
+from mic_uda.tasks.base import UDAModuleBase
 from mic_uda.uda.bn import frozen_bn_statistics
 from mic_uda.uda.masking import apply_mask, block_mask
 from mic_uda.uda.sada import ScaleAwareAlignment
@@ -61,19 +61,6 @@ class DetUDAModule(UDAModuleBase):
     ) -> None:
         super().__init__(
             net, method, num_classes, class_names, optimizer, scheduler, param_group_keys, seed, max_bad_steps
-        )
-        self.save_hyperparameters(
-            {
-                "net": plain(net),
-                "method": plain(method),
-                "num_classes": num_classes,
-                "class_names": list(class_names),
-                "optimizer": plain(optimizer),
-                "scheduler": plain(scheduler),
-                "param_group_keys": plain(param_group_keys),
-                "seed": seed,
-                "max_bad_steps": max_bad_steps,
-            }
         )
         if not hasattr(self.student, "supervised"):
             raise ValueError(

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from mic_uda.tasks.base import UDAModuleBase, plain
+from mic_uda.tasks.base import UDAModuleBase
 from mic_uda.uda.bn import frozen_bn_statistics
 from mic_uda.uda.losses import weighted_cross_entropy
 from mic_uda.uda.masking import apply_mask, block_mask
@@ -46,22 +46,17 @@ class SegUDAModule(UDAModuleBase):
         max_bad_steps: int = 20,
     ) -> None:
         super().__init__(
-            net, method, num_classes, class_names, optimizer, scheduler, param_group_keys, seed, max_bad_steps
-        )
-        self.save_hyperparameters(
-            {
-                "net": plain(net),
-                "method": plain(method),
-                "num_classes": num_classes,
-                "class_names": list(class_names),
-                "optimizer": plain(optimizer),
-                "scheduler": plain(scheduler),
-                "param_group_keys": plain(param_group_keys),
-                "ignore_index": ignore_index,
-                "palette": plain(palette),
-                "seed": seed,
-                "max_bad_steps": max_bad_steps,
-            }
+            net,
+            method,
+            num_classes,
+            class_names,
+            optimizer,
+            scheduler,
+            param_group_keys,
+            seed,
+            max_bad_steps,
+            ignore_index=ignore_index,
+            palette=palette,
         )
         self.ignore_index = ignore_index
         self.val_confusion = nn.ModuleDict(
