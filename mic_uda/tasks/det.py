@@ -24,7 +24,7 @@ from mic_uda.tasks.base import UDAModuleBase
 from mic_uda.uda.bn import frozen_bn_statistics
 from mic_uda.uda.masking import apply_mask, block_mask
 from mic_uda.uda.sada import ScaleAwareAlignment
-from mic_uda.utils.metrics import format_iou_table
+from mic_uda.utils.metrics import format_iou_table, nan_mean
 
 #: the losses the masked target image trains (SPEC section 4): no box regression on pseudo boxes
 MIC_DET_LOSSES = ("loss_objectness", "loss_classifier")
@@ -162,12 +162,12 @@ class DetUDAModule(UDAModuleBase):
             metric.reset()
             ap = self._per_class_ap(result)
             self.last_ap[name] = ap
-            mean = float(torch.nanmean(ap)) if not torch.isnan(ap).all() else float("nan")
+            mean = nan_mean(ap)
             self.log(f"{prefix}/{name}/mAP50", 100 * mean if not math.isnan(mean) else mean)
             for cname, v in zip(self.class_names, ap.tolist()):
                 self.log(f"{prefix}/{name}/AP50_{cname}", 100 * v if not math.isnan(v) else v)
         student = self.last_ap["student"]
-        mean = float(torch.nanmean(student)) if not torch.isnan(student).all() else float("nan")
+        mean = nan_mean(student)
         self.log(f"{prefix}/mAP50", 100 * mean if not math.isnan(mean) else mean, prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
