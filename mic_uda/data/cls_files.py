@@ -13,7 +13,7 @@ error that names the path and the expected layout (the style of :mod:`mic_uda.da
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +119,9 @@ class ClassFolderDataset(Dataset):
             "random" ("ran.crop") or "none" (resize only).
         scale, ratio: area and aspect ranges of the random-resized crop (torchvision's defaults).
         hflip: random horizontal flip when training (off for digits: a flipped 7 is not a 7).
+        transform: applied to the float [0, 1] image after crop and flip, when training only (e.g. a
+            torchvision ``v2.Compose`` of ``RandomAffine`` and
+            :class:`mic_uda.data.transforms.IntensityAugment` for digits); evaluation never sees it.
         with_labels: ``False`` for an unlabelled target set: every image below the split folder, with or
             without class folders, items without "label" (``class_names`` is then only recorded).
         max_per_class: keep at most this many images per class (a fixed-seed draw, ``subset_seed``) for
@@ -142,6 +145,7 @@ class ClassFolderDataset(Dataset):
         scale: Sequence[float] = (0.08, 1.0),
         ratio: Sequence[float] = (3 / 4, 4 / 3),
         hflip: bool = True,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         with_labels: bool = True,
         max_per_class: int | None = None,
         subset_seed: int = 0,
@@ -192,6 +196,9 @@ class ClassFolderDataset(Dataset):
 
         self.image_size, self.base_size = image_size, pre_crop_size or image_size
         self.train, self.train_crop, self.hflip = train, train_crop, hflip
+        if transform is not None and not callable(transform):
+            raise TypeError(f"{self.name}: transform must be callable, got {type(transform).__name__}")
+        self.transform = transform
         self.scale, self.ratio = (float(scale[0]), float(scale[1])), (float(ratio[0]), float(ratio[1]))
         self.cache: torch.Tensor | None = None
         if cache_in_memory:
@@ -225,7 +232,10 @@ class ClassFolderDataset(Dataset):
         img = self._crop(img)
         if self.train and self.hflip and torch.rand(()) < 0.5:
             img = img.flip(-1)
-        out = {"image": img.float().div_(255.0)}
+        image = img.float().div_(255.0)
+        if self.train and self.transform is not None:
+            image = self.transform(image)
+        out = {"image": image}
         if self.with_labels:
             out["label"] = self.targets[i].clone()
         return out
