@@ -328,7 +328,7 @@ def test_synthetic_cls_config_batches(make_cfg) -> None:
     assert src["image"].shape == (4, 3, 16, 16) and src["label"].shape == (4,)
     assert src["label"].dtype == torch.int64
     assert set(tgt) == {"image"} and tgt["image"].shape == (2, 3, 16, 16)  # target labels hidden
-    assert val["image"].shape == (6, 3, 16, 16) and val["label"].tolist() == [0, 1, 2, 3, 4, 5]
+    assert val["image"].shape == (6, 3, 16, 16) and sorted(val["label"].tolist()) == [0, 1, 2, 3, 4, 5]
 
 
 def _tree_for(cfg, root: Path) -> None:
@@ -382,3 +382,18 @@ def test_config_class_lists_match_the_benchmarks(make_cfg) -> None:
     digits = make_cfg(["data=usps2mnistm"], tiny=False).data
     assert OmegaConf.to_container(digits.class_names) == [str(d) for d in range(10)]
     assert digits.datamodule.source.split == "usps/train" and digits.datamodule.val.split == "mnist_m/test"
+
+
+def test_evaluation_batches_mix_classes_in_a_fixed_order(make_cfg, tmp_path: Path) -> None:
+    """Class-folder sets list images class by class; a batch-statistics teacher must not see
+    class-pure evaluation batches, and the order must not change between epochs or runs."""
+    root = tmp_path / "digits"
+    cfg = make_cfg(["data=usps2mnistm", f"data.root={root}", "data.datamodule.val_batch_size=4"], tiny=False)
+    _tree_for(cfg, root)
+    dm = instantiate(cfg.data.datamodule, _recursive_=False)
+    dm.setup("fit")
+    orders = [torch.cat([b["label"] for b in dm.val_dataloader()]).tolist() for _ in range(2)]
+    assert orders[0] == orders[1] and sorted(orders[0]) == list(range(10))
+    assert orders[0] != list(range(10))
+    target = torch.cat([b["image"] for b in dm.target_eval_dataloader()])
+    assert target.shape == (10, 3, 32, 32)  # every unlabelled target image, once

@@ -54,6 +54,13 @@ def test_cls_train_then_evaluate(method: str, make_cfg, tmp_path: Path) -> None:
     )
     emetrics = evaluate(ecfg)
     assert emetrics["test/acc"] == pytest.approx(metrics["test/acc"])
+    if method == "source_only":  # AdaBN evaluation: BN statistics re-estimated on the target images
+        ecfg.bn_stats = "target"
+        adapted = evaluate(ecfg)
+        assert 0.0 <= adapted["test/acc"] <= 100.0
+        ecfg.bn_stats = "targets"
+        with pytest.raises(ValueError, match="bn_stats='targets'"):
+            evaluate(ecfg)
 
 
 def test_cls_method_settings_specialise_shared_method_names(make_cfg) -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mic_uda.uda.augment import StrongAugment, blur_kernel_size
-from mic_uda.uda.bn import frozen_bn_statistics, set_teacher_mode
+from mic_uda.uda.bn import frozen_bn_statistics, reestimate_bn_statistics, set_teacher_mode
 from mic_uda.uda.ema import copy_weights, ema_alpha, ema_update
 from mic_uda.uda.losses import weighted_cross_entropy
 from mic_uda.uda.masking import apply_mask, block_mask
@@ -230,3 +230,31 @@ def test_teacher_mode_batch_vs_running() -> None:
     assert not any(m.training for m in net2.modules())
     with pytest.raises(ValueError, match="teacher_bn"):
         set_teacher_mode(net2, "frozen")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------
+# AdaBN: evaluation-time BN statistics from unlabelled target images
+# ---------------------------------------------------------------------------------------------------
+def test_reestimated_bn_statistics_are_the_plain_average_over_batches() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, momentum=0.1), nn.ReLU(), nn.BatchNorm2d(4))
+    net[1].running_mean.fill_(5.0)  # stale source statistics
+    batches = [torch.randn(2, 3, 5, 5) * (k + 1) + k for k in range(3)]
+    assert reestimate_bn_statistics(net, batches) == 2
+    with torch.no_grad():
+        feats = [net[0](x) for x in batches]
+    mean = torch.stack([f.mean((0, 2, 3)) for f in feats]).mean(0)
+    var = torch.stack([f.var((0, 2, 3), unbiased=True) for f in feats]).mean(0)
+    assert torch.allclose(net[1].running_mean, mean, atol=1e-5)
+    assert torch.allclose(net[1].running_var, var, atol=1e-4)
+    assert net[1].momentum == 0.1 and not net.training and not net[1].training  # restored, eval mode
+
+
+def test_reestimation_leaves_batch_statistics_layers_alone_and_needs_batches() -> None:
+    teacher = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2))
+    set_teacher_mode(teacher, "batch")  # a batch-statistics teacher has nothing to re-estimate
+    before = teacher[1].running_mean.clone()
+    assert reestimate_bn_statistics(teacher, [torch.randn(2, 3, 4, 4)]) == 0
+    assert torch.equal(teacher[1].running_mean, before)
+    with pytest.raises(ValueError, match="no batches"):
+        reestimate_bn_statistics(nn.Sequential(nn.BatchNorm2d(3)), [])

@@ -14,10 +14,11 @@ collapses for BN networks, so both choices are options rather than accidents of 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Literal
 
+import torch
 from torch import nn
 
 TeacherBN = Literal["batch", "running"]
@@ -56,3 +57,34 @@ def frozen_bn_statistics(module: nn.Module, enabled: bool = True) -> Iterator[No
     finally:
         for bn in layers:
             bn.track_running_stats = True
+
+
+@torch.no_grad()
+def reestimate_bn_statistics(module: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """AdaBN (Li et al., 2018): replace the running statistics of ``module``'s BN layers by the plain
+    average over ``batches`` (unlabelled target images), everything else in eval mode.
+
+    A label-free evaluation choice for BN networks: running statistics collected on the source
+    (``student_bn=source``) normalise target features with the wrong mean and variance. Layers that
+    do not track running statistics (a ``batch`` teacher) are left alone. Returns how many layers were
+    re-estimated; ``module`` is left in eval mode.
+    """
+    layers = [bn for bn in batchnorm_layers(module) if bn.track_running_stats]
+    module.eval()
+    if not layers:
+        return 0
+    momenta = [bn.momentum for bn in layers]
+    for bn in layers:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average: every batch counts the same
+        bn.train()
+    seen = 0
+    for images in batches:
+        module(images)
+        seen += 1
+    for bn, momentum in zip(layers, momenta, strict=True):
+        bn.momentum = momentum
+        bn.eval()
+    if seen == 0:
+        raise ValueError("reestimate_bn_statistics: no batches given (is the target set empty?)")
+    return len(layers)
