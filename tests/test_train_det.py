@@ -7,8 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from mic_uda.evaluate import load_module
+from mic_uda.models.daformer import load_encoder_weights_into
+from mic_uda.models.detector import SmpEncoderFPN
 from mic_uda.tasks.det import MIC_DET_LOSSES, DetUDAModule, pseudo_targets
 from mic_uda.train import train
 
@@ -56,8 +60,6 @@ def test_masked_target_trains_only_objectness_and_classification(make_cfg, monke
     """The MIC term sums exactly the RPN objectness and ROI classification losses."""
     assert MIC_DET_LOSSES == ("loss_objectness", "loss_classifier")
     cfg = make_cfg(["task=det", "method=mic"])
-    from hydra.utils import instantiate
-
     module: DetUDAModule = instantiate(cfg.task.module, _recursive_=False)
     module.generator = torch.Generator().manual_seed(0)
     fake = {
@@ -70,3 +72,21 @@ def test_masked_target_trains_only_objectness_and_classification(make_cfg, monke
     monkeypatch.setattr(module, "manual_backward", lambda loss: None)
     logs = module._mic_term(torch.rand(2, 3, 64, 64), module.generator)
     assert float(logs["train/loss_mic"]) == pytest.approx(3.0)
+
+
+def test_lite0_fpn_detector_loads_imagenet_encoder_and_trains_end_to_end(make_cfg) -> None:
+    """The CamVid detection table's network: Faster R-CNN on the EfficientNet-Lite0 encoder whose
+    ImageNet weights ship as a registry package (the only pretrained weights on these machines)."""
+    cfg = make_cfg(["task=det", "backbone=fasterrcnn_lite0_fpn", "method=sada_mic"])
+    net_cfg = OmegaConf.to_container(cfg.backbone, resolve=True)
+    net_cfg.pop("weights")  # a full-detector file, loaded by the task module at fit
+    detector = instantiate(net_cfg, num_classes=3)
+    backbone = detector.model.backbone
+    assert isinstance(backbone, SmpEncoderFPN) and detector.feature_levels == ["0", "1", "2", "pool"]
+    assert detector.instance_dim == 256
+    reference = SmpEncoderFPN(backbone.encoder_name)
+    load_encoder_weights_into(reference.encoder, cfg.backbone.backbone_weights, backbone.encoder_name)
+    for (name, a), b in zip(backbone.encoder.state_dict().items(), reference.encoder.state_dict().values()):
+        assert torch.equal(a, b), name  # the file's weights, not an initialisation
+    metrics = train(cfg)
+    assert "train/loss_sada" in metrics and "train/loss_mic" in metrics and "test/mAP50" in metrics

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +17,9 @@ from mic_uda.data.bad_samples import SkipBadSamples, check_on_bad_sample
 from mic_uda.data.rcs import RareClassSampling, RCSConfig, parse_rcs
 from mic_uda.data.resumable import ResumableLoader, mix_seed
 from mic_uda.utils.hydra_utils import instantiate_clearly
+
+# Evaluation loaders are shuffled on purpose, in a fixed order (see UDADataModule._loader).
+warnings.filterwarnings("ignore", message=r".*dataloader`'s sampler has shuffling enabled")
 
 
 class WithoutLabels(Dataset):

