@@ -86,7 +86,11 @@ def test_lite0_fpn_detector_loads_imagenet_encoder_and_trains_end_to_end(make_cf
     assert detector.instance_dim == 256
     reference = SmpEncoderFPN(backbone.encoder_name)
     load_encoder_weights_into(reference.encoder, cfg.backbone.backbone_weights, backbone.encoder_name)
-    for (name, a), b in zip(backbone.encoder.state_dict().items(), reference.encoder.state_dict().values()):
-        assert torch.equal(a, b), name  # the file's weights, not an initialisation
+    expected = reference.encoder.state_dict()
+    loaded = backbone.encoder.state_dict()
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in backbone.modules())
+    assert {k for k in expected if not k.endswith("num_batches_tracked")} == set(loaded)
+    for name, value in loaded.items():
+        assert torch.equal(value, expected[name]), name  # the file's weights and BN statistics
     metrics = train(cfg)
     assert "train/loss_sada" in metrics and "train/loss_mic" in metrics and "test/mAP50" in metrics

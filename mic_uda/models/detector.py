@@ -16,6 +16,7 @@ from typing import Any
 
 import segmentation_models_pytorch as smp
 import torch
+from timm.layers import freeze_batch_norm_2d
 from torch import Tensor, nn
 from torchvision.models.detection import faster_rcnn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -26,6 +27,19 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from mic_uda.models.classifier import read_state_dict
 from mic_uda.models.daformer import load_encoder_weights_into
 from mic_uda.models.weights import check_state_dict, require_weights_file
+
+
+def freeze_batchnorm(module: nn.Module) -> int:
+    """Replace the BatchNorm layers below ``module`` by frozen ones holding the same (loaded)
+    statistics and affine parameters (timm's ``freeze_batch_norm_2d``, which also keeps the activation
+    of timm's fused ``BatchNormAct2d``), as torchvision's and maskrcnn-benchmark's detectors do for
+    their ImageNet backbones: detection batches of 1-2 images give useless batch statistics, and a
+    frozen layer behaves the same for the student, the EMA teacher and evaluation (no BN policy
+    question). Returns how many layers were frozen."""
+    count = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+    for name, child in module.named_children():
+        setattr(module, name, freeze_batch_norm_2d(child))
+    return count
 
 
 class SmpEncoderFPN(nn.Module):
@@ -101,6 +115,7 @@ class FasterRCNNDetector(nn.Module):
         trainable_backbone_layers: int = 5,
         target_proposals: int = 128,
         backbone_weights: str | None = None,
+        frozen_bn: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -126,6 +141,9 @@ class FasterRCNNDetector(nn.Module):
         self.register_buffer("mean", mean, persistent=False)  # mask fill = 0 after normalisation
         if backbone_weights:
             self.load_backbone_weights(backbone_weights)
+        self.frozen_bn = bool(frozen_bn)  # after loading: the frozen layers keep the file's statistics
+        if self.frozen_bn:
+            freeze_batchnorm(self.model.backbone)
 
     # ----------------------------------------------------------------- inference
     def forward(self, images: Tensor) -> list[dict[str, Tensor]]:
