@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 
-from mic_uda.evaluate import evaluate, load_module
+from mic_uda.evaluate import adapt_bn_to_target, evaluate, load_module
 from mic_uda.tasks.cls import ClsUDAModule
 from mic_uda.train import train
+from mic_uda.uda.bn import batchnorm_layers, reestimate_bn_statistics
 
 TERMS = {
     "source_only": set(),
@@ -58,6 +60,18 @@ def test_cls_train_then_evaluate(method: str, make_cfg, tmp_path: Path) -> None:
         ecfg.bn_stats = "target"
         adapted = evaluate(ecfg)
         assert 0.0 <= adapted["test/acc"] <= 100.0
+        # the glue: the student's statistics become exactly those of the target training images
+        dm = instantiate(ecfg.data.datamodule, _recursive_=False)
+        model, reference = load_module(ckpt), load_module(ckpt).student
+        before = [bn.running_mean.clone() for bn in batchnorm_layers(model.student)]
+        torch.manual_seed(0)  # the target set's training augmentation draws from the global RNG
+        adapt_bn_to_target(model, dm)
+        torch.manual_seed(0)
+        assert reestimate_bn_statistics(reference, (b["image"] for b in dm.target_eval_dataloader())) > 0
+        after = [(bn.running_mean, bn.running_var) for bn in batchnorm_layers(model.student)]
+        expected = [(bn.running_mean, bn.running_var) for bn in batchnorm_layers(reference)]
+        assert all(torch.equal(a[0], e[0]) and torch.equal(a[1], e[1]) for a, e in zip(after, expected))
+        assert not all(torch.equal(b, a[0]) for b, a in zip(before, after))
         ecfg.bn_stats = "targets"
         with pytest.raises(ValueError, match="bn_stats='targets'"):
             evaluate(ecfg)

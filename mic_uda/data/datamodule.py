@@ -116,15 +116,21 @@ class UDADataModule(L.LightningDataModule):
             stage or "fit", ["source", "target", "val", "test"]
         )
         for key in wanted:
-            if key not in self.datasets:
-                ds = _build(self.cfgs[key], key)
-                if key == "target" and not self.target_labels:
-                    ds = WithoutLabels(ds)
-                if key == "source" and self.rcs_enabled and not isinstance(ds, RareClassSampling):
-                    ds = RareClassSampling(ds, self.rcs)  # type: ignore[arg-type]
-                if self.on_bad_sample == "skip":
-                    ds = SkipBadSamples(ds, key)
-                self.datasets[key] = ds
+            self._ensure_dataset(key)
+
+    def _ensure_dataset(self, key: str) -> Dataset:
+        """Build ``key``'s dataset once, wrapped as training needs it (hidden target labels, RCS,
+        bad-sample skipping)."""
+        if key not in self.datasets:
+            ds = _build(self.cfgs[key], key)
+            if key == "target" and not self.target_labels:
+                ds = WithoutLabels(ds)
+            if key == "source" and self.rcs_enabled and not isinstance(ds, RareClassSampling):
+                ds = RareClassSampling(ds, self.rcs)  # type: ignore[arg-type]
+            if self.on_bad_sample == "skip":
+                ds = SkipBadSamples(ds, key)
+            self.datasets[key] = ds
+        return self.datasets[key]
 
     def _loader(self, key: str, batch_size: int) -> DataLoader:
         """An evaluation loader in a fixed shuffled order (its own generator: the same order every
@@ -175,11 +181,11 @@ class UDADataModule(L.LightningDataModule):
         return self._loader("val", self.val_batch_size)
 
     def target_eval_dataloader(self) -> DataLoader:
-        """The unlabelled target training images in order, at the training target batch size: what
-        evaluation-time BN re-estimation (``evaluate bn_stats=target``) reads; builds only that set."""
-        if "target" not in self.datasets:
-            ds = WithoutLabels(_build(self.cfgs["target"], "target"))
-            self.datasets["target"] = SkipBadSamples(ds, "target") if self.on_bad_sample == "skip" else ds
+        """The target training images (each once, the evaluation loaders' fixed order), at the training
+        target batch size: what evaluation-time BN re-estimation (``evaluate bn_stats=target``) reads;
+        builds only that set. Items are as training sees them (the target set's own random crop/flip,
+        drawn from the global RNG, which ``evaluate`` seeds)."""
+        self._ensure_dataset("target")
         return self._loader("target", self.target_batch_size)
 
     def test_dataloader(self) -> DataLoader:

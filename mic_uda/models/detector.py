@@ -141,8 +141,7 @@ class FasterRCNNDetector(nn.Module):
         self.register_buffer("mean", mean, persistent=False)  # mask fill = 0 after normalisation
         if backbone_weights:
             self.load_backbone_weights(backbone_weights)
-        self.frozen_bn = bool(frozen_bn)  # after loading: the frozen layers keep the file's statistics
-        if self.frozen_bn:
+        if frozen_bn:  # after loading: the frozen layers keep the file's statistics
             freeze_batchnorm(self.model.backbone)
 
     # ----------------------------------------------------------------- inference
