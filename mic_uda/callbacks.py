@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torchvision.io import write_png
@@ -54,6 +55,23 @@ class SegPredictionWriter(L.Callback):
             index = int(batch["index"][i]) if "index" in batch else self.written
             write_png(torch.cat(panels, dim=-1), str(self.out_dir / f"{index:06d}.png"))
             self.written += 1
+
+
+class FinalModelCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` (and kept ``step_*.ckpt``) always hold the final weights.
+
+    Lightning 2.6 saves every ``every_n_train_steps`` and, when training ends, writes ``last`` only if
+    it was never written. With ``max_steps`` not a multiple of the interval, ``last.ckpt`` stayed at
+    the previous multiple while the run's test metrics (and ``metrics.json``'s ``final/ckpt_path``)
+    were of the final weights, and ``evaluate`` on it disagreed with the run.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):  # skips fast_dev_run, already-saved steps
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)
 
 
 class PreemptionCheckpoint(L.Callback):

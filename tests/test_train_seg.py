@@ -57,6 +57,26 @@ def test_same_seed_same_metrics_other_seed_differs(make_cfg, tmp_path: Path) -> 
     assert not all(torch.equal(w[0][k], w[2][k]) for k in w[0])
 
 
+def test_last_checkpoint_holds_the_final_weights_between_periodic_saves(make_cfg, tmp_path: Path) -> None:
+    """max_steps not a multiple of the save interval: last.ckpt is still the model the run tested."""
+    cfg = make_cfg(["method=source_only", "trainer.max_steps=4"])  # saves every 3 steps
+    metrics = train(cfg)
+    ckpts = Path(cfg.paths.output_dir) / "checkpoints"
+    assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 4
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step_000004.ckpt"]
+    ecfg = make_cfg(
+        [
+            f"ckpt_path={ckpts / 'last.ckpt'}",
+            "data.size=32",
+            "data.datamodule.val.num_images=4",
+            "trainer=cpu",
+        ],
+        config_name="eval",
+        out=tmp_path / "eval",
+    )
+    assert evaluate(ecfg)["test/mIoU"] == pytest.approx(metrics["test/mIoU"])
+
+
 def test_fast_dev_run_override(make_cfg) -> None:
     metrics = train(make_cfg(["++trainer.fast_dev_run=true"]))
     assert "train/loss" in metrics
