@@ -20,6 +20,7 @@ from mic_uda.data.bad_samples import check_on_bad_sample
 from mic_uda.models.weights import require_weights_file
 from mic_uda.objective import check_objective, objective_value
 from mic_uda.tasks.method import check_terms, parse_method
+from mic_uda.utils.checkpointing import init_student_from
 from mic_uda.utils.hydra_utils import (
     CONFIG_DIR,
     as_float_dict,
@@ -112,6 +113,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule = build_datamodule(cfg)
     model: L.LightningModule = instantiate_clearly(cfg.task.module, _recursive_=False)
+    if cfg.get("init_from"):
+        step = init_student_from(model, cfg.init_from)
+        log.info(
+            "student initialised from %s (its step %d); step, optimiser and teacher start fresh",
+            cfg.init_from,
+            step,
+        )
     callbacks = instantiate_dict(cfg.get("callbacks"), "callbacks")
     loggers = instantiate_dict(cfg.get("logger"), "logger")
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

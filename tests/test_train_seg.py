@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,28 @@ def test_rank_generators_differ_across_ranks_and_repeat_per_seed() -> None:
     assert torch.equal(mask(0, 0), mask(0, 0))
     assert not torch.equal(mask(0, 0), mask(0, 1))
     assert not torch.equal(mask(0, 0), mask(1, 0))
+
+
+def test_init_from_starts_a_new_run_from_another_runs_student(make_cfg, tmp_path: Path) -> None:
+    source = train(make_cfg(["method=source_only"], out=tmp_path / "burn_in"))
+    ckpt = tmp_path / "burn_in" / "checkpoints" / "last.ckpt"
+    # no training: the run's test evaluates exactly the loaded student
+    loaded = train(make_cfg(["method=mic", f"init_from={ckpt}", "train=false"], out=tmp_path / "loaded"))
+    assert loaded["test/mIoU"] == source["test/mIoU"]
+    trained = train(make_cfg(["method=mic", f"init_from={ckpt}"], out=tmp_path / "adapted"))
+    assert "train/loss_mic" in trained
+    state = torch.load(
+        tmp_path / "adapted" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    assert state["global_step"] == 3  # a new run: its own step count, not the burn-in's continued
+
+
+def test_init_from_errors_name_the_file(make_cfg, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=re.escape("init_from='/nowhere.ckpt'")):
+        train(make_cfg(["init_from=/nowhere.ckpt"]))
+    torch.save({"state_dict": {"other.weight": torch.zeros(1)}}, tmp_path / "foreign.ckpt")
+    with pytest.raises(ValueError, match=re.escape("no 'student.*' weights")):
+        train(make_cfg([f"init_from={tmp_path / 'foreign.ckpt'}"]))
+    torch.save({"state_dict": {"student.head.weight": torch.zeros(1)}}, tmp_path / "other_net.ckpt")
+    with pytest.raises(ValueError, match="does not fit this run's network"):
+        train(make_cfg([f"init_from={tmp_path / 'other_net.ckpt'}"]))

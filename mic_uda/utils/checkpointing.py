@@ -74,3 +74,30 @@ def slurm_environment(auto_requeue: bool = True, requeue_signal: str = "SIGUSR1"
         )
         raise ValueError(f"requeue_signal={requeue_signal!r} is not a signal name (e.g. {allowed})") from None
     return SLURMEnvironment(auto_requeue=auto_requeue, requeue_signal=sig)
+
+
+def init_student_from(model: torch.nn.Module, path: str | Path) -> int:
+    """Start a run from another run's student weights (``init_from=...``): a source-only burn-in.
+
+    Mean-teacher detection methods start self-training from a burned-in detector (a random-head
+    teacher gives no boxes above the score threshold); the student's weights and BN buffers are
+    loaded, everything else starts fresh: step 0, optimiser, schedule, discriminators, and the
+    teacher, which copies the student in ``setup``. Returns the checkpoint's global step.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from={str(path)!r} does not exist (expected a run's .ckpt file)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    state = {
+        k[len("student.") :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("student.")
+    }
+    if not state:
+        raise ValueError(f"init_from={str(path)!r} holds no 'student.*' weights: not a mic_uda checkpoint")
+    student = model.get_submodule("student")
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"init_from={str(path)!r} does not fit this run's network: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]} (same task.module and backbone as the run that wrote it?)"
+        )
+    return int(ckpt.get("global_step", 0))
