@@ -110,3 +110,11 @@ def test_missing_weights_file_fails_before_training(make_cfg, tmp_path: Path) ->
     missing = tmp_path / "mit_b0.pth"
     with pytest.raises(FileNotFoundError, match=r"mit_b0\.pth.*Nothing is downloaded"):
         train(make_cfg([f"backbone.weights={missing}"]))
+
+
+def test_evaluate_sees_camvid_detection_frames_as_training_did(make_cfg) -> None:
+    """evaluate composes the data group without the training recipe: the frame size lives in the data."""
+    trained = make_cfg(["experiment=camvid_det_day2dusk_source_only"], tiny=False)
+    evaluated = make_cfg(["data=camvid_det_day2dusk", "ckpt_path=x.ckpt"], config_name="eval", tiny=False)
+    assert list(trained.data.resize) == list(evaluated.data.resize) == [256, 192]
+    assert (trained.backbone.min_size, trained.backbone.max_size) == (192, 256)
