@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from mic_uda.models.daformer import load_encoder_weights_into
 from mic_uda.models.detector import SmpEncoderFPN
 from mic_uda.tasks.det import MIC_DET_LOSSES, DetUDAModule, pseudo_targets
 from mic_uda.train import train
+from mic_uda.uda.sada import ScaleAwareAlignment
 
 TERMS = {
     "source_only": set(),
@@ -94,3 +96,43 @@ def test_lite0_fpn_detector_loads_imagenet_encoder_and_trains_end_to_end(make_cf
         assert torch.equal(value, expected[name]), name  # the file's weights and BN statistics
     metrics = train(cfg)
     assert "train/loss_sada" in metrics and "train/loss_mic" in metrics and "test/mAP50" in metrics
+
+
+def test_sada_grl_scale_multiplies_only_the_reversed_feature_gradient() -> None:
+    """The warm start scales what reaches the detector's features, not the discriminators' own gradient."""
+    torch.manual_seed(0)
+    align = ScaleAwareAlignment(feature_channels=8, instance_dim=16, levels=["0", "1"])
+    g = torch.Generator().manual_seed(1)
+    inputs = [
+        {lv: torch.randn(2, 8, 6, 6, generator=g) for lv in ("0", "1")},
+        torch.randn(4, 16, generator=g),
+        {lv: torch.randn(2, 8, 6, 6, generator=g) for lv in ("0", "1")},
+        torch.randn(4, 16, generator=g),
+    ]
+    grads = []
+    for scale in (1.0, 0.25):
+        align.zero_grad()
+        torch.manual_seed(2)  # the same dropout masks in the instance discriminator
+        fs, is_, ft, it = (
+            {k: v.clone().requires_grad_() for k, v in x.items()}
+            if isinstance(x, dict)
+            else x.clone().requires_grad_()
+            for x in inputs
+        )
+        align(fs, is_, [2, 2], ft, it, [2, 2], grl_scale=scale)["total"].backward()
+        grads.append(
+            ([fs["0"].grad, is_.grad, ft["1"].grad, it.grad], [p.grad.clone() for p in align.parameters()])
+        )
+    for full, quarter in zip(grads[0][0], grads[1][0]):
+        torch.testing.assert_close(quarter, 0.25 * full)
+        assert full.abs().sum() > 0
+    for full, same in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(same, full)
+
+
+def test_sada_grl_warm_start_through_the_entry_point(make_cfg) -> None:
+    metrics = train(make_cfg(["task=det", "method=sada", "method.sada.grl_max_iters=10"]))
+    # logged at the last of 2 steps, t = 1: 2 / (1 + exp(-1 / 10)) - 1
+    assert metrics["train/grl_coeff"] == pytest.approx(2 / (1 + math.exp(-0.1)) - 1, rel=1e-5)
+    constant = train(make_cfg(["task=det", "method=sada"], out=Path(str(make_cfg().paths.output_dir) + "_c")))
+    assert constant["train/grl_coeff"] == 1.0

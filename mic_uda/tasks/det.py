@@ -21,6 +21,7 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from mic_uda.data.boxes import unpad_targets
 from mic_uda.tasks.base import UDAModuleBase
+from mic_uda.uda.adversarial import grl_coefficient
 from mic_uda.uda.bn import frozen_bn_statistics
 from mic_uda.uda.masking import apply_mask, block_mask
 from mic_uda.uda.sada import ScaleAwareAlignment
@@ -108,7 +109,10 @@ class DetUDAModule(UDAModuleBase):
         logs["train/loss_sup"] = loss.detach()
         if self.alignment is not None:
             feats_t, inst_t, rois_t = self.student.unsupervised_features(tgt["image"])
-            parts = self.alignment(feats_s, inst_s, rois_s, feats_t, inst_t, rois_t)
+            ramp = m.sada.grl_max_iters
+            scale = grl_coefficient(self.global_step, ramp) if ramp > 0 else 1.0
+            parts = self.alignment(feats_s, inst_s, rois_s, feats_t, inst_t, rois_t, grl_scale=scale)
+            logs["train/grl_coeff"] = torch.tensor(scale)
             logs.update({f"train/sada_{k}": v.detach() for k, v in parts.items() if k != "total"})
             logs["train/loss_sada"] = parts["total"].detach()
             loss = loss + parts["total"]

@@ -85,6 +85,10 @@ class SadaConfig:
     consistency_weight: float = 0.1
     image_grl: float = 0.1
     instance_grl: float = 0.1
+    # 0: constant reversal coefficients (SADA). T > 0: scaled by the warm start 2 / (1 + exp(-t / T)) - 1
+    # (as cdan.grl_max_iters; T = total iterations / 10 is DANN's schedule), so fresh discriminators
+    # do not push a trained detector's features from the first step
+    grl_max_iters: int = 0
 
 
 @dataclass

@@ -80,10 +80,16 @@ class ScaleAwareAlignment(nn.Module):
         self.grl = (image_grl, instance_grl)
 
     def _domain(
-        self, features: Mapping[str, Tensor], instances: Tensor, rois: Sequence[int], domain: float
+        self,
+        features: Mapping[str, Tensor],
+        instances: Tensor,
+        rois: Sequence[int],
+        domain: float,
+        grl_scale: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        img_logits = [self.image[lv](grad_reverse(features[lv], self.grl[0])) for lv in self.levels]
-        ins_logits = self.instance(grad_reverse(instances, self.grl[1]))
+        img_grl, ins_grl = (c * grl_scale for c in self.grl)
+        img_logits = [self.image[lv](grad_reverse(features[lv], img_grl)) for lv in self.levels]
+        ins_logits = self.instance(grad_reverse(instances, ins_grl))
         img_loss = torch.stack(
             [F.binary_cross_entropy_with_logits(lg, torch.full_like(lg, domain)) for lg in img_logits]
         ).mean()
@@ -99,9 +105,11 @@ class ScaleAwareAlignment(nn.Module):
         features_t: Mapping[str, Tensor],
         instances_t: Tensor,
         rois_t: Sequence[int],
+        grl_scale: float = 1.0,
     ) -> dict[str, Tensor]:
-        parts_s = self._domain(features_s, instances_s, rois_s, 0.0)
-        parts_t = self._domain(features_t, instances_t, rois_t, 1.0)
+        """``grl_scale`` multiplies both reversal coefficients (a warm-start ramp; 1 = constant)."""
+        parts_s = self._domain(features_s, instances_s, rois_s, 0.0, grl_scale)
+        parts_t = self._domain(features_t, instances_t, rois_t, 1.0, grl_scale)
         img, ins, cst = (a + b for a, b in zip(parts_s, parts_t))
         wi, wn, wc = self.weights
         return {"img": img, "ins": ins, "cst": cst, "total": wi * img + wn * ins + wc * cst}
