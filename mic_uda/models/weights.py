@@ -18,8 +18,15 @@ def require_weights_file(path: Path, encoder_name: str) -> None:
         )
 
 
-def check_state_dict(module: nn.Module, state: Mapping[str, Tensor], encoder_name: str, source: str) -> None:
-    """Fail early, listing the offending keys, instead of torch's wall of text or a silent partial load."""
+def check_state_dict(
+    module: nn.Module,
+    state: Mapping[str, Tensor],
+    encoder_name: str,
+    source: str,
+    header: str | None = None,
+) -> None:
+    """Fail early, listing the offending keys, instead of torch's wall of text or a silent partial load.
+    ``header`` replaces the first line of the error (default: encoder weights of another architecture)."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -30,10 +37,11 @@ def check_state_dict(module: nn.Module, state: Mapping[str, Tensor], encoder_nam
     ]
     if not (missing or unexpected or shapes):
         return
-    lines = [
+    default = (
         f"Encoder weights in '{source}' do not match encoder '{encoder_name}'; it is probably a checkpoint "
         "for a different architecture (e.g. another MiT/ViT size)."
-    ]
+    )
+    lines = [header or default]
     for title, items in (
         ("missing keys", missing),
         ("unexpected keys", unexpected),

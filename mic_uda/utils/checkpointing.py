@@ -23,6 +23,8 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from mic_uda.models.weights import check_state_dict
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` writing local files through ``<path>.tmp`` + fsync + ``os.replace``."""
@@ -88,16 +90,18 @@ def init_student_from(model: torch.nn.Module, path: str | Path) -> int:
     if not path.is_file():
         raise FileNotFoundError(f"init_from={str(path)!r} does not exist (expected a run's .ckpt file)")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    state = {
-        k[len("student.") :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("student.")
-    }
+    weights = ckpt.get("state_dict", {})
+    state = {k.removeprefix("student."): v for k, v in weights.items() if k.startswith("student.")}
     if not state:
         raise ValueError(f"init_from={str(path)!r} holds no 'student.*' weights: not a mic_uda checkpoint")
     student = model.get_submodule("student")
-    missing, unexpected = student.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"init_from={str(path)!r} does not fit this run's network: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]} (same task.module and backbone as the run that wrote it?)"
-        )
+    check_state_dict(  # missing/unexpected keys and shape mismatches, listed
+        student,
+        state,
+        "student",
+        str(path),
+        header=f"init_from={str(path)!r} does not fit this run's network "
+        "(same task.module and backbone as the run that wrote it?)",
+    )
+    student.load_state_dict(state)
     return int(ckpt.get("global_step", 0))
