@@ -42,6 +42,21 @@ def master_weights_stay_fp32(out: Path) -> None:
     assert dtypes == {torch.float32}, dtypes
 
 
+def evaluate_on_gpu(make_cfg, run: Path, out: Path, *data_overrides: str) -> dict[str, float]:
+    """``python -m mic_uda.evaluate`` of the run's last checkpoint with ``trainer=gpu``."""
+    ecfg = make_cfg(
+        [
+            f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+            *data_overrides,
+            "trainer=gpu",
+            "+trainer.enable_progress_bar=false",
+        ],
+        config_name="eval",
+        out=out,
+    )
+    return evaluate(ecfg)
+
+
 @pytest.mark.parametrize("method", ["dacs", "mic"])
 def test_seg_bf16_on_gpu_trains_checkpoints_and_evaluates(method: str, make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg(on_gpu(TINY_SEG, f"method={method}"), tiny=False)
@@ -51,19 +66,11 @@ def test_seg_bf16_on_gpu_trains_checkpoints_and_evaluates(method: str, make_cfg,
     assert 0.0 <= metrics["test/mIoU"] <= 100.0 and "val/teacher/mIoU" in metrics
     out = Path(cfg.paths.output_dir)
     master_weights_stay_fp32(out)
-    ecfg = make_cfg(
-        [
-            f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}",
-            "data.size=32",
-            "data.datamodule.val.num_images=4",
-            "trainer=gpu",
-            "+trainer.enable_progress_bar=false",
-        ],
-        config_name="eval",
-        out=tmp_path / "eval",
+    evaluated = evaluate_on_gpu(
+        make_cfg, out, tmp_path / "eval", "data.size=32", "data.datamodule.val.num_images=4"
     )
     # the same weights give the same numbers up to GPU kernels' non-bitwise-determinism (a few pixels)
-    assert evaluate(ecfg)["test/mIoU"] == pytest.approx(metrics["test/mIoU"], abs=0.5)
+    assert evaluated["test/mIoU"] == pytest.approx(metrics["test/mIoU"], abs=0.5)
 
 
 def test_cls_bf16_on_gpu_with_adabn_evaluation(make_cfg, tmp_path: Path) -> None:
@@ -72,21 +79,17 @@ def test_cls_bf16_on_gpu_with_adabn_evaluation(make_cfg, tmp_path: Path) -> None
     finite(metrics, "train/loss")
     out = Path(cfg.paths.output_dir)
     master_weights_stay_fp32(out)
-    ecfg = make_cfg(
-        [
-            f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}",
-            "data=synthetic_cls",
-            "data.image_size=16",
-            "data.datamodule.val.num_images=8",
-            "data.datamodule.target.num_images=16",
-            "bn_stats=target",
-            "trainer=gpu",
-            "+trainer.enable_progress_bar=false",
-        ],
-        config_name="eval",
-        out=tmp_path / "eval",
+    evaluated = evaluate_on_gpu(
+        make_cfg,
+        out,
+        tmp_path / "eval",
+        "data=synthetic_cls",
+        "data.image_size=16",
+        "data.datamodule.val.num_images=8",
+        "data.datamodule.target.num_images=16",
+        "bn_stats=target",
     )
-    assert 0.0 <= evaluate(ecfg)["test/acc"] <= 100.0
+    assert 0.0 <= evaluated["test/acc"] <= 100.0
 
 
 @pytest.mark.parametrize("method", ["sada", "sada_mic"])

@@ -130,9 +130,9 @@ def test_sada_grl_scale_multiplies_only_the_reversed_feature_gradient() -> None:
         torch.testing.assert_close(same, full)
 
 
-def test_sada_grl_warm_start_through_the_entry_point(make_cfg) -> None:
+def test_sada_grl_warm_start_through_the_entry_point(make_cfg, tmp_path: Path) -> None:
     metrics = train(make_cfg(["task=det", "method=sada", "method.sada.grl_max_iters=10"]))
     # logged at the last of 2 steps, t = 1: 2 / (1 + exp(-1 / 10)) - 1
     assert metrics["train/grl_coeff"] == pytest.approx(2 / (1 + math.exp(-0.1)) - 1, rel=1e-5)
-    constant = train(make_cfg(["task=det", "method=sada"], out=Path(str(make_cfg().paths.output_dir) + "_c")))
+    constant = train(make_cfg(["task=det", "method=sada"], out=tmp_path / "constant"))
     assert constant["train/grl_coeff"] == 1.0
