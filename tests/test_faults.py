@@ -162,6 +162,8 @@ class StepRecorder(L.Callback):
             "opt_steps": [float(s["step"]) for s in opt.state.values() if "step" in s],
             "skipped": pl_module.skipped_steps,
             "global_step": pl_module.global_step,
+            "sched_steps": pl_module.lr_schedulers().last_epoch,
+            "lr": pl_module.optimizers().param_groups[0]["lr"],
         }
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -192,6 +194,9 @@ def test_nan_loss_step_is_skipped_and_counted(make_cfg, monkeypatch: pytest.Monk
     assert _same(bad["before"]["teacher"], bad["after"]["teacher"])  # no EMA update
     assert _same(bad["before"]["student"], bad["after"]["student"])  # no optimiser step
     assert bad["before"]["opt_steps"] == bad["after"]["opt_steps"]
+    # the lr schedule does not advance on a skipped step (it would run ahead of global_step)
+    assert bad["after"]["sched_steps"] == bad["before"]["sched_steps"] and bad["after"]["lr"] == bad["before"]["lr"]
+    assert all(r["after"]["sched_steps"] == r["after"]["global_step"] for r in rec.rows)
     good = rec.rows[2]
     assert not _same(good["before"]["teacher"], good["after"]["teacher"])
     assert good["after"]["opt_steps"][0] == good["before"]["opt_steps"][0] + 1

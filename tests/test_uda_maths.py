@@ -258,3 +258,49 @@ def test_reestimation_leaves_batch_statistics_layers_alone_and_needs_batches() -
     assert torch.equal(teacher[1].running_mean, before)
     with pytest.raises(ValueError, match="no batches"):
         reestimate_bn_statistics(nn.Sequential(nn.BatchNorm2d(3)), [])
+
+
+def _changed(before: torch.Tensor, after: torch.Tensor) -> list[bool]:
+    return [not torch.equal(b, a) for b, a in zip(before, after)]
+
+
+def test_strong_augment_draw_image_throws_one_coin_per_image() -> None:
+    """p = 0.5 jitter only: over 64 images both outcomes occur within one call."""
+    x = torch.rand(64, 3, 8, 8)
+    out = StrongAugment(color_jitter_p=0.5, blur_p=0.0, draw="image")(x, gen())
+    changed = _changed(x, out)
+    assert any(changed) and not all(changed)
+
+
+def test_strong_augment_draw_batch_shares_the_coin_but_not_the_factors() -> None:
+    x = torch.rand(16, 3, 8, 8).expand(16, 3, 8, 8).clone()
+    x[:] = x[0]  # identical images: only the drawn factors can make them differ
+    aug = StrongAugment(color_jitter_p=0.5, blur_p=0.0, draw="batch")
+    g = gen()
+    outcomes = set()
+    for _ in range(12):
+        out = aug(x, g)
+        changed = _changed(x, out)
+        assert all(changed) or not any(changed)  # one coin for the whole batch
+        outcomes.add(all(changed))
+        if all(changed):
+            assert not torch.equal(out[0], out[1])  # factors still per image
+    assert outcomes == {True, False}
+
+
+def test_strong_augment_draw_run_fixes_the_coins_from_the_seed() -> None:
+    x = torch.rand(4, 3, 8, 8)
+    coins = {s: StrongAugment(draw="run", seed=s).run_coins() for s in range(40)}
+    assert coins[3] == StrongAugment(draw="run", seed=3).run_coins()  # a function of the seed alone
+    for s, (cj, blur) in coins.items():
+        aug = StrongAugment(color_jitter_p=0.8, blur_p=0.0, draw="run", seed=s)
+        g = gen()
+        per_step = {tuple(_changed(x, aug(x, g))) for _ in range(3)}
+        assert per_step == {(cj < 0.8,) * 4}  # on (or off) for every image of every step
+    on = sum(cj < 0.8 for cj, _ in coins.values())
+    assert 20 <= on <= 39  # ~80 % of seeds jitter; some do not
+
+
+def test_strong_augment_rejects_an_unknown_draw() -> None:
+    with pytest.raises(ValueError, match=r"method.augment.draw='step' is not one of"):
+        StrongAugment(draw="step")

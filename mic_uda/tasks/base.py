@@ -88,7 +88,7 @@ class UDAModuleBase(L.LightningModule):
             self.teacher = copy.deepcopy(self.student)
             self.teacher.requires_grad_(False)
             set_teacher_mode(self.teacher, self.method.teacher.bn)
-        self.augment = StrongAugment(**vars(self.method.augment))
+        self.augment = StrongAugment(**vars(self.method.augment), seed=seed)
         self.num_classes, self.class_names = num_classes, class_names
         self.generator: torch.Generator | None = None
         self._pending_generator_state: torch.Tensor | None = None
@@ -150,8 +150,9 @@ class UDAModuleBase(L.LightningModule):
                 )
         for opt in opts:
             opt.zero_grad(set_to_none=True)
-        for sched in _as_list(self.lr_schedulers()):
-            sched.step()
+        if finite:  # a skipped step is not a step: the schedule stays aligned with global_step
+            for sched in _as_list(self.lr_schedulers()):
+                sched.step()
         if finite and self.teacher is not None:
             logs["train/ema_alpha"] = torch.tensor(
                 ema_update(

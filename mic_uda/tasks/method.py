@@ -36,6 +36,10 @@ class AugmentConfig:
     color_jitter_p: float = 0.8
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.15, 1.15)
+    # when the apply/skip coin of jitter and blur is drawn: "image" (each image, each step: the
+    # intended behaviour), "batch" (once per step for the whole batch: official DACS/MIC seg), "run"
+    # (once per run from the seed: the official MIC cls/det code draws it in Masking.__init__, a bug)
+    draw: str = "image"
 
 
 @dataclass
@@ -48,6 +52,14 @@ class MaskConfig:
     block_size: int = 32
     ratio: float = 0.7
     weight: float = 1.0
+    # cls only. False (default, the paper): the update step's masked CE is weighted by the teacher's
+    # probability. True: the official SDAT+MIC code, which weights it only in SAM's ascent pass and uses
+    # the unweighted CE in the update (MIC cls/examples/cdan_mcc_sdat_masking.py:245-249 vs :264-265).
+    official_unweighted_update: bool = False
+    # det only. "none": the masked RPN objectness and ROI classification losses unweighted. "prob": the
+    # official PSEUDO_LABEL_WEIGHT 'prob' (objectness BCE per anchor x sigmoid(objectness), ROI CE per
+    # ROI x its detached max softmax; MIC det/.../rpn/loss.py:140-146, roi_box_head/loss.py:205-209).
+    confidence_weight: str = "none"
 
 
 @dataclass
@@ -121,6 +133,7 @@ _CHOICES = {
     "teacher.bn": ("batch", "running"),
     "pseudo_label.weight_scope": ("image", "batch"),
     "pseudo_label.weight_type": ("fraction", "probability"),
+    "augment.draw": ("image", "batch", "run"),
 }
 
 
@@ -138,6 +151,8 @@ def parse_method(cfg: Any) -> MethodConfig:
             raise ValueError(f"method.{key}={value!r} is not one of {list(allowed)}")
     if method.mic is not None and not 0.0 <= method.mic.ratio < 1.0:
         raise ValueError(f"method.mic.ratio must be in [0, 1), got {method.mic.ratio}")
+    if method.mic is not None and method.mic.confidence_weight not in ("none", "prob"):
+        raise ValueError(f"method.mic.confidence_weight={method.mic.confidence_weight!r} is not one of ['none', 'prob']")
     return method
 
 
