@@ -292,7 +292,7 @@ def test_strong_augment_draw_run_fixes_the_coins_from_the_seed() -> None:
     x = torch.rand(4, 3, 8, 8)
     coins = {s: StrongAugment(draw="run", seed=s).run_coins() for s in range(40)}
     assert coins[3] == StrongAugment(draw="run", seed=3).run_coins()  # a function of the seed alone
-    for s, (cj, blur) in coins.items():
+    for s, (cj, _blur) in coins.items():
         aug = StrongAugment(color_jitter_p=0.8, blur_p=0.0, draw="run", seed=s)
         g = gen()
         per_step = {tuple(_changed(x, aug(x, g))) for _ in range(3)}

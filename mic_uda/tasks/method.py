@@ -152,7 +152,9 @@ def parse_method(cfg: Any) -> MethodConfig:
     if method.mic is not None and not 0.0 <= method.mic.ratio < 1.0:
         raise ValueError(f"method.mic.ratio must be in [0, 1), got {method.mic.ratio}")
     if method.mic is not None and method.mic.confidence_weight not in ("none", "prob"):
-        raise ValueError(f"method.mic.confidence_weight={method.mic.confidence_weight!r} is not one of ['none', 'prob']")
+        raise ValueError(
+            f"method.mic.confidence_weight={method.mic.confidence_weight!r} is not one of ['none', 'prob']"
+        )
     return method
 
 
