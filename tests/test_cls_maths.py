@@ -19,7 +19,7 @@ from mic_uda.uda.adversarial import (
 )
 from mic_uda.uda.mcc import mcc_loss
 from mic_uda.uda.pseudo_label import confidence_weight
-from mic_uda.utils.optim import inv_factor
+from mic_uda.utils.optim import inv_factor, inv_iteration_factor, inv_iteration_scheduler
 
 
 def test_cdan_outer_product_layout() -> None:
@@ -156,3 +156,17 @@ def test_classification_pseudo_label_weights() -> None:
     torch.testing.assert_close(confidence_weight(conf, 0.968, weight_type="probability"), conf)
     torch.testing.assert_close(confidence_weight(conf, 0.968, scope="image"), torch.tensor([1.0, 0.0, 1.0]))
     torch.testing.assert_close(confidence_weight(conf, 0.968, scope="batch"), torch.full((3,), 2 / 3))
+
+
+def test_inv_iteration_schedule_is_the_official_per_iteration_decay() -> None:
+    """lr0 (1 + 0.001 t)^-0.75 whatever the run length; equals the run-length form only at T = 10k."""
+    assert inv_iteration_factor(0) == 1.0
+    assert inv_iteration_factor(15000) == pytest.approx(16**-0.75)  # VisDA's end: 0.125, not 0.166
+    assert inv_iteration_factor(30000) == pytest.approx(31**-0.75)  # Office-Home's end: 0.076
+    assert inv_iteration_factor(7000) == pytest.approx(inv_factor(7000, 10000, gamma=10.0))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.002)
+    sched = inv_iteration_scheduler(opt, max_steps=5, gamma=0.001, power=0.75)
+    for _ in range(1000):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.002 * 2**-0.75)  # not clamped at max_steps

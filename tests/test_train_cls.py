@@ -83,7 +83,8 @@ def test_cls_method_settings_specialise_shared_method_names(make_cfg) -> None:
     seg_mic = make_cfg(["method=mic"]).method
     assert seg_mic.mix is not None and seg_mic.pseudo_label.weight_type == "fraction"
     sdat_mic = make_cfg(["task=cls", "method=sdat_mic"]).method
-    assert sdat_mic.sam.rho == 0.02 and sdat_mic.mcc.temperature == 2.5 and sdat_mic.mic.ratio == 0.7
+    assert sdat_mic.sam.rho == 0.02 and sdat_mic.mcc.temperature == 2.0 and sdat_mic.mic.ratio == 0.7
+    assert sdat_mic.cdan.entropy_conditioning is False
 
 
 def test_cls_same_seed_same_result(make_cfg, tmp_path: Path) -> None:
@@ -111,3 +112,21 @@ def test_segmentation_backbone_under_cls_is_a_clear_error(make_cfg) -> None:
 def test_cls_methods_under_seg_are_a_clear_error(make_cfg) -> None:
     with pytest.raises(ValueError, match=r"method\.cdan"):
         train(make_cfg(["method=sdat"]))
+
+
+@pytest.mark.parametrize(
+    ("preset", "steps", "batch"), [("mic_sdat_visda", 15000, 32), ("mic_sdat_officehome", 30000, 24)]
+)
+def test_cls_paper_presets_are_the_official_runs(preset: str, steps: int, batch: int, make_cfg) -> None:
+    cfg = make_cfg([f"experiment={preset}", "backbone.weights=w.safetensors"], tiny=False)
+    m = cfg.method
+    assert m.cdan.entropy_conditioning is False and m.mcc.temperature == 2.0 and m.sam.rho == 0.02
+    assert m.mic.official_unweighted_update is True and m.student_bn == "all" and m.augment.draw == "run"
+    assert m.teacher.alpha == 0.9 and m.mic.block_size == 64 and m.mic.ratio == 0.7
+    assert cfg.trainer.max_steps == steps and cfg.trainer.precision == "32-true"
+    assert cfg.data.datamodule.batch_size == cfg.data.datamodule.target_batch_size == batch
+    sch = cfg.task.module.scheduler
+    assert sch._target_.endswith("inv_iteration_scheduler") and (sch.gamma, sch.power) == (0.001, 0.75)
+    opt = cfg.task.module.optimizer
+    assert (opt.lr, opt.momentum, opt.weight_decay, opt.nesterov) == (0.002, 0.9, 0.001, True)
+    assert cfg.task.module.param_group_keys.backbone.lr_mult == 0.1

@@ -1,9 +1,12 @@
 """Image-classification UDA: one LightningModule for source-only, oracle, SDAT, MIC and SDAT+MIC.
 
 Terms (switched on by the method config, maths in :mod:`mic_uda.uda`):
-- ``sam``: sharpness-aware task loss: gradient of the source loss, weights moved to ``w + e``, the
-  full loss computed there, weights restored, optimiser step (SDAT's code does exactly this);
-- ``cdan``: conditional domain discriminator (+ entropy conditioning) behind gradient reversal;
+- ``sam``: sharpness-aware minimisation as the official SDAT / SDAT+MIC code: the gradient of the
+  task terms (source CE + MCC [+ the probability-weighted masked loss]) on the same joint
+  [source, target] batch and the same masked image, weights moved to ``w + e``, the full loss
+  (+ CDAN) computed there, weights restored, optimiser step;
+- ``cdan``: conditional domain discriminator behind gradient reversal (plain CDAN as the official
+  runs; entropy conditioning, CDAN+E, an option);
 - ``mcc``: minimum class confusion on the target predictions;
 - ``mic``: the student on a strongly augmented, block-masked target image against the EMA teacher's
   pseudo-label of the clean image, each sample weighted by the teacher's probability.
@@ -113,17 +116,26 @@ class ClsUDAModule(UDAModuleBase):
         sup = tgt if m.needs_target_labels else src
         x_s, y_s, x_t = sup["image"], sup["label"], tgt["image"]
         logs: dict[str, torch.Tensor] = {}
+        n = x_s.shape[0]
+        joint = m.cdan is not None or m.mcc is not None
+        x = torch.cat([x_s, x_t]) if joint else x_s
+        masked = self._masked_target(x_t, g) if m.mic is not None else None  # one mask for both passes
 
         offsets: list = []
-        if m.sam is not None:  # SAM step 1: ascend along the task-loss gradient
-            self.manual_backward(F.cross_entropy(self.student(x_s), y_s))
+        if m.sam is not None:  # SAM step 1: ascend along the gradient of the task terms at w
+            logits = self.student(x)
+            ascent = F.cross_entropy(logits[:n], y_s)
+            if m.mcc is not None:
+                ascent = ascent + m.mcc.weight * mcc_loss(logits[n:], m.mcc.temperature)
+            if masked is not None:
+                ascent = ascent + self._masked_loss(masked, weighted=True)
+            self.manual_backward(ascent)
+            logs["train/loss_sam_ascent"] = ascent.detach()
             offsets = sam.perturb(self.student.parameters(), m.sam.rho)
             for p in self.student.parameters():
                 p.grad = None
 
-        n = x_s.shape[0]
-        joint = m.cdan is not None or m.mcc is not None
-        logits, feats = self.student.forward_with_features(torch.cat([x_s, x_t]) if joint else x_s)
+        logits, feats = self.student.forward_with_features(x)
         loss = F.cross_entropy(logits[:n], y_s)
         logs["train/loss_sup"] = loss.detach()
         if self.adversarial is not None:
@@ -139,13 +151,19 @@ class ClsUDAModule(UDAModuleBase):
             loss = loss + mcc
         self.manual_backward(loss)
 
-        if m.mic is not None:
-            logs.update(self._mic_term(x_t, g))
+        if masked is not None:
+            mic = self._masked_loss(masked, weighted=not m.mic.official_unweighted_update)
+            self.manual_backward(mic)
+            logs["train/loss_mic"] = mic.detach()
+            logs["train/pseudo_weight"] = masked[2].mean()
         sam.restore(offsets)  # SAM step 2: back to w, step with the gradients taken at w + e
         self.finish_step(logs)
 
-    def _mic_term(self, x_t: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
-        """MIC: masked, augmented target vs the teacher's clean-image pseudo-label, prob-weighted."""
+    def _masked_target(
+        self, x_t: torch.Tensor, g: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """MIC's inputs: the augmented, block-masked target image, the EMA teacher's pseudo-label of
+        the clean image and its per-sample weight."""
         assert self.teacher is not None
         m = self.method
         with torch.no_grad():
@@ -154,12 +172,18 @@ class ClsUDAModule(UDAModuleBase):
         weight = confidence_weight(conf, pc.threshold, pc.weight_scope, weight_type=pc.weight_type)
         b, _, h, w = x_t.shape
         keep = block_mask(b, h, w, m.mic.block_size, m.mic.ratio, g, device=x_t.device).to(x_t.dtype)
-        x_k = apply_mask(self.augment(x_t, g), keep, self.mask_fill())
+        return apply_mask(self.augment(x_t, g), keep, self.mask_fill()), pl, weight
+
+    def _masked_loss(
+        self, masked: tuple[torch.Tensor, torch.Tensor, torch.Tensor], weighted: bool
+    ) -> torch.Tensor:
+        """The student on the masked image vs the pseudo-label; ``weighted=False`` is the official
+        update step's plain CE (``method.mic.official_unweighted_update``)."""
+        m = self.method
+        x_k, pl, weight = masked
         with frozen_bn_statistics(self.student, enabled=m.student_bn == "source"):
             ce = F.cross_entropy(self.student(x_k), pl, reduction="none")
-        loss = m.mic.weight * (ce * weight).mean()
-        self.manual_backward(loss)
-        return {"train/loss_mic": loss.detach(), "train/pseudo_weight": weight.mean()}
+        return m.mic.weight * ((ce * weight).mean() if weighted else ce.mean())
 
     # ----------------------------------------------------------------- evaluation
     def _eval_step(self, batch: Mapping[str, torch.Tensor]) -> None:

@@ -1,8 +1,14 @@
-"""Optimiser parameter groups and the warm-up + poly schedule of DAFormer/MIC (mmcv semantics)."""
+"""Optimiser parameter groups and the lr schedules: warm-up + poly of DAFormer/MIC (mmcv semantics),
+inv of DANN/CDAN/SDAT, warm-up + multi-step of the MIC/SADA detection code (maskrcnn-benchmark).
+
+A bias rule such as maskrcnn-benchmark's (``BIAS_LR_FACTOR 2``, ``WEIGHT_DECAY_BIAS 0``: every parameter
+whose name contains "bias") is ``param_group_keys: {bias: {lr_mult: 2.0, decay_mult: 0.0}}`` in
+:func:`param_groups`."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import bisect
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -86,3 +92,54 @@ def inv_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` over :func:`inv_factor` (checkpointed and restored by Lightning)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: inv_factor(s, max_steps, gamma, power))
+
+
+def inv_iteration_factor(step: int, gamma: float = 0.001, power: float = 0.75) -> float:
+    """LR multiplier ``(1 + gamma t)^-power`` per iteration ``t``, independent of the run length: the
+    official DANN/CDAN/SDAT/MIC-cls schedule (``--lr-gamma 0.001 --lr-decay 0.75``), which
+    :func:`inv_factor` equals only for a 10k-iteration run."""
+    return float((1.0 + gamma * step) ** (-power))
+
+
+def inv_iteration_scheduler(
+    optimizer: torch.optim.Optimizer, max_steps: int, gamma: float = 0.001, power: float = 0.75
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` over :func:`inv_iteration_factor`; ``max_steps`` is accepted (every schedule
+    gets it) and not used: the decay does not depend on when the run ends."""
+    del max_steps
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: inv_iteration_factor(s, gamma, power))
+
+
+def warmup_multistep_factor(
+    step: int,
+    milestones: Sequence[int],
+    gamma: float = 0.1,
+    warmup_steps: int = 500,
+    warmup_ratio: float = 1 / 3,
+) -> float:
+    """LR multiplier of maskrcnn-benchmark's ``WarmupMultiStepLR`` (linear warm-up), which the
+    official MIC/SADA detection code uses: ``gamma ** (number of milestones <= step)``, during warm-up
+    times ``warmup_ratio * (1 - a) + a`` with ``a = step / warmup_steps`` (the same ramp as
+    :func:`warmup_poly_factor`'s; MIC det/maskrcnn_benchmark/solver/lr_scheduler.py:39-51)."""
+    factor = 1.0
+    if step < warmup_steps:
+        a = step / warmup_steps
+        factor = warmup_ratio * (1.0 - a) + a
+    return float(factor * gamma ** bisect.bisect_right(sorted(milestones), step))
+
+
+def warmup_multistep_scheduler(
+    optimizer: torch.optim.Optimizer,
+    max_steps: int,
+    milestones: Sequence[int],
+    gamma: float = 0.1,
+    warmup_steps: int = 500,
+    warmup_ratio: float = 1 / 3,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` over :func:`warmup_multistep_factor`; ``max_steps`` is accepted (every schedule
+    gets it) and not used: the steps do not depend on when the run ends."""
+    del max_steps
+    steps = [int(m) for m in milestones]
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_multistep_factor(s, steps, gamma, warmup_steps, warmup_ratio)
+    )
