@@ -1,12 +1,23 @@
 """Object-detection UDA: one LightningModule for source-only, oracle, SADA, MIC and SADA+MIC.
 
-Terms (method config; maths in :mod:`mic_uda.uda`):
+Terms (method config; maths in :mod:`mic_uda.uda` and the network):
 - ``sada``: image-level (per FPN level) and instance-level (ROI) domain discriminators behind
-  gradient reversal + their consistency (:mod:`mic_uda.uda.sada`);
-- ``mic``: the EMA teacher's detections on the clean target image with score > threshold (0.8)
-  are pseudo ground truth; the student sees a photometrically augmented, block-masked target image
-  (block 32, ratio 0.5) and is trained with the RPN objectness and ROI classification losses only.
+  gradient reversal + their consistency (:mod:`mic_uda.uda.sada`, the official MIC det code's); the
+  target ROIs are ``target_proposals`` (official 256) random training-mode RPN proposals per image,
+  drawn with the module's generator;
+- ``mic``: the EMA teacher's detections on the clean target image with score >= threshold (0.8, the
+  official ``>=``) are pseudo ground truth; the student sees a photometrically augmented, block-masked
+  target image (block 32, ratio 0.5) and is trained with the RPN objectness and ROI classification
+  losses only, optionally confidence-weighted (``mic.confidence_weight: prob``, the official
+  PSEUDO_LABEL_WEIGHT). As official (engine/trainer.py:243-246, 325-345), only target images with at
+  least one pseudo box enter the masked batch; with none the term is an exact zero (no pass, no
+  backward) and ``train/mic_images`` logs 0.
 Augmentation is photometric only, so boxes stay valid; images stay in [0, 1] (no 0..255 clamp).
+
+BatchNorm: the student's passes follow ``method.student_bn`` (``source``: only the supervised pass
+updates running statistics; the SADA target pass and the masked pass normalise with their batch
+statistics but leave the buffers alone); the teacher keeps ``method.teacher.bn`` through every
+forward (``FasterRCNNDetector.forward`` changes no layer's mode).
 """
 
 from __future__ import annotations
@@ -34,10 +45,11 @@ MIC_DET_LOSSES = ("loss_objectness", "loss_classifier")
 def pseudo_targets(
     detections: Sequence[Mapping[str, torch.Tensor]], threshold: float
 ) -> list[dict[str, torch.Tensor]]:
-    """Teacher detections with score > ``threshold`` as targets (boxes, labels); may be empty."""
+    """Teacher detections with score >= ``threshold`` as targets (boxes, labels; official ``>=``,
+    engine/trainer.py:334); may be empty."""
     out = []
     for d in detections:
-        keep = d["scores"] > threshold
+        keep = d["scores"] >= threshold
         out.append({"boxes": d["boxes"][keep].detach(), "labels": d["labels"][keep].detach()})
     return out
 
@@ -75,11 +87,14 @@ class DetUDAModule(UDAModuleBase):
                 self.student.feature_channels,
                 self.student.instance_dim,
                 self.student.feature_levels,
-                s.image_weight,
-                s.instance_weight,
-                s.consistency_weight,
-                s.image_grl,
-                s.instance_grl,
+                roi_levels=len(self.student.roi_feature_levels),
+                image_weight=s.image_weight,
+                instance_weight=s.instance_weight,
+                consistency_weight=s.consistency_weight,
+                image_grl=s.image_grl,
+                instance_grl=s.instance_grl,
+                consistency_grl=s.consistency_grl,
+                instance_heads=s.instance_heads,
             )
         names = ["student", "teacher"] if self.teacher is not None else ["student"]
         self.val_map = nn.ModuleDict(
@@ -101,17 +116,16 @@ class DetUDAModule(UDAModuleBase):
         sup = tgt if m.needs_target_labels else src
         logs: dict[str, torch.Tensor] = {}
 
-        losses, feats_s, inst_s, rois_s = self.student.supervised(
-            sup["image"], unpad_targets(sup["boxes"], sup["labels"])
-        )
-        loss = sum(losses.values())
-        logs.update({f"train/det_{k}": v.detach() for k, v in losses.items()})
+        sup_pass = self.student.supervised(sup["image"], unpad_targets(sup["boxes"], sup["labels"]))
+        loss = sum(sup_pass.losses.values())
+        logs.update({f"train/det_{k}": v.detach() for k, v in sup_pass.losses.items()})
         logs["train/loss_sup"] = loss.detach()
         if self.alignment is not None:
-            feats_t, inst_t, rois_t = self.student.unsupervised_features(tgt["image"])
+            with frozen_bn_statistics(self.student, enabled=m.student_bn == "source"):
+                tgt_pass = self.student.unsupervised_features(tgt["image"], generator=g)
             ramp = m.sada.grl_max_iters
             scale = grl_coefficient(self.global_step, ramp) if ramp > 0 else 1.0
-            parts = self.alignment(feats_s, inst_s, rois_s, feats_t, inst_t, rois_t, grl_scale=scale)
+            parts = self.alignment(sup_pass, tgt_pass, self.student.pool_rois, grl_scale=scale)
             logs["train/grl_coeff"] = torch.tensor(scale)
             logs.update({f"train/sada_{k}": v.detach() for k, v in parts.items() if k != "total"})
             logs["train/loss_sada"] = parts["total"].detach()
@@ -123,6 +137,9 @@ class DetUDAModule(UDAModuleBase):
         self.finish_step(logs)
 
     def _mic_term(self, x_t: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
+        """The masked target pass; mask and augmentation are drawn for every target image (so the
+        generator stream does not depend on the teacher), then the images without a pseudo box are
+        dropped (official: ``masked_target_images[pseudo_masks]``)."""
         assert self.teacher is not None
         m = self.method
         with torch.no_grad():
@@ -130,12 +147,23 @@ class DetUDAModule(UDAModuleBase):
         b, _, h, w = x_t.shape
         keep = block_mask(b, h, w, m.mic.block_size, m.mic.ratio, g, device=x_t.device).to(x_t.dtype)
         x_k = apply_mask(self.augment(x_t, g), keep, self.mask_fill())
-        with frozen_bn_statistics(self.student, enabled=m.student_bn == "source"):
-            losses, *_ = self.student.supervised(x_k, targets)
-        loss = m.mic.weight * sum(losses[k] for k in MIC_DET_LOSSES)
-        self.manual_backward(loss)
+        boxed = [i for i, t in enumerate(targets) if len(t["boxes"]) > 0]
         n_boxes = sum(len(t["boxes"]) for t in targets)
-        return {"train/loss_mic": loss.detach(), "train/pseudo_boxes_per_image": torch.tensor(n_boxes / b)}
+        logs = {
+            "train/pseudo_boxes_per_image": torch.tensor(n_boxes / b),
+            "train/mic_images": torch.tensor(float(len(boxed))),
+        }
+        if not boxed:  # nothing to learn from: an exact zero, no pass and no backward
+            logs["train/loss_mic"] = torch.zeros((), device=x_t.device)
+            return logs
+        with frozen_bn_statistics(self.student, enabled=m.student_bn == "source"):
+            masked = self.student.supervised(
+                x_k[boxed], [targets[i] for i in boxed], confidence_weight=m.mic.confidence_weight
+            )
+        loss = m.mic.weight * sum(masked.losses[k] for k in MIC_DET_LOSSES)
+        self.manual_backward(loss)
+        logs["train/loss_mic"] = loss.detach()
+        return logs
 
     # ----------------------------------------------------------------- evaluation
     def _eval_step(self, batch: Mapping[str, torch.Tensor]) -> None:

@@ -90,13 +90,23 @@ class SamConfig:
 
 @dataclass
 class SadaConfig:
-    """Scale-aware image + instance domain alignment for Faster R-CNN (det: SADA)."""
+    """Scale-aware image + instance domain alignment for Faster R-CNN (det: SADA; mic_uda.uda.sada).
+    Defaults: the official MIC det config e2e_da_faster_rcnn_R_50_FPN_masking_cs.yaml:25-28."""
 
+    # loss weights of the image, instance and consistency terms (official: the three added unweighted)
     image_weight: float = 1.0
     instance_weight: float = 1.0
-    consistency_weight: float = 0.1
-    image_grl: float = 0.1
+    consistency_weight: float = 1.0
+    # gradient-reversal coefficients on the features (DA_IMG_GRL_WEIGHT, DA_INS_GRL_WEIGHT)
+    image_grl: float = 0.025
     instance_grl: float = 0.1
+    # COS_WEIGHT: the consistency loss reaches the features through non-reversed scalers
+    # +consistency_grl * image_grl and +consistency_grl * instance_grl (da_heads.py:217-218)
+    consistency_grl: float = 0.1
+    # "per_level": one instance discriminator per ROI pooling level (SADA's design); "shared": one for
+    # all ROIs; "official_first_level": the official code's early return (da_heads.py:191), only
+    # level-0 ROIs get logits, the others logit 0 (a bug, reproduced only on request)
+    instance_heads: str = "per_level"
     # 0: constant reversal coefficients (SADA). T > 0: scaled by the warm start 2 / (1 + exp(-t / T)) - 1
     # (as cdan.grl_max_iters; T = total iterations / 10 is DANN's schedule), so fresh discriminators
     # do not push a trained detector's features from the first step
