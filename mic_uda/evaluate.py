@@ -19,7 +19,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from mic_uda.callbacks import SegPredictionWriter
-from mic_uda.uda.bn import reestimate_bn_statistics
+from mic_uda.handover import adapt_bn_to_target
 from mic_uda.utils.hydra_utils import CONFIG_DIR, as_float_dict, register_resolvers, task_wrapper, write_json
 
 log = logging.getLogger("mic_uda")
@@ -41,17 +41,6 @@ def load_module(ckpt_path: str | Path) -> L.LightningModule:
     return get_class(target).load_from_checkpoint(path, map_location="cpu")
 
 
-def adapt_bn_to_target(model: L.LightningModule, datamodule: L.LightningDataModule) -> None:
-    """AdaBN on the student and every network of the module that keeps running statistics."""
-    networks = {"student": model.student, "teacher": getattr(model, "teacher", None)}
-    for name, net in networks.items():
-        if net is not None:  # a fresh pass per network: the images are never all held in memory
-            images = (batch["image"] for batch in datamodule.target_eval_dataloader())
-            n = reestimate_bn_statistics(net, images)
-            log.info(f"bn_stats=target: {n} BatchNorm layers of the {name} re-estimated on the target")
-    model.train(False)  # restores the teacher's own BN mode
-
-
 @task_wrapper
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
@@ -68,7 +57,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.bn_stats not in BN_STATS:
         raise ValueError(f"bn_stats={cfg.bn_stats!r} is not one of {list(BN_STATS)}")
     if cfg.bn_stats == "target":
-        adapt_bn_to_target(model, datamodule)
+        adapt_bn_to_target(model, datamodule, seed=cfg.seed)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
     trainer.test(model, datamodule=datamodule, verbose=False)
     metrics = as_float_dict(trainer.callback_metrics)

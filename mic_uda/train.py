@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torchmetrics import Metric
 
 from mic_uda.data.bad_samples import check_on_bad_sample
+from mic_uda.handover import adapt_bn_to_target, check_handover, has_running_bn, recalibrated_metrics
 from mic_uda.models.weights import require_weights_file
 from mic_uda.objective import check_objective, objective_value
 from mic_uda.tasks.method import check_terms, parse_method
@@ -82,6 +83,7 @@ def validate_config(cfg: DictConfig) -> None:
             name = b.get("encoder_name") or b.get("backbone") or b.get("arch") or "the network"
             require_weights_file(Path(weights), str(name))
     check_on_bad_sample(cfg.data.get("on_bad_sample", "error"))
+    check_handover(cfg.get("handover", "recalibrated"))
     if cfg.trainer.get("accelerator") == "gpu" and not torch.cuda.is_available():
         raise RuntimeError("trainer.accelerator=gpu but no CUDA device is visible; use trainer=cpu")
 
@@ -127,6 +129,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     metrics: dict[str, float] = {}
+    handed_over = "student"
     if cfg.get("train"):
         trainer.fit(
             model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
@@ -142,6 +145,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics.update(as_float_dict(tester.callback_metrics))
         print(f"\nTarget evaluation ({cfg.data.name}, {cfg.method.name}, seed {cfg.seed}):")
         print(model.result_table())
+        handed_over = hand_over(cfg, model, tester, datamodule, metrics)
     if trainer.is_global_zero:
         last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
         update_wandb_summary(  # the final (= last checkpoint's) metrics as the W&B run summary
@@ -162,11 +166,39 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 "backbone": cfg.backbone.get("encoder_name")
                 or cfg.backbone.get("backbone")
                 or cfg.backbone.get("arch", "?"),
-                "primary_metric": f"test/{model.primary_metric}",
+                "primary_metric": f"test/{model.primary_metric}"
+                if handed_over != "recalibrated"
+                else f"test/recalibrated/{model.primary_metric}",
+                "handover": handed_over,
                 "max_steps": cfg.trainer.max_steps,
             },
         )
     return metrics
+
+
+def hand_over(
+    cfg: DictConfig,
+    model: L.LightningModule,
+    tester: L.Trainer,
+    datamodule: L.LightningDataModule,
+    metrics: dict[str, float],
+) -> str:
+    """Evaluate the student with BN statistics re-estimated on the unlabelled target (label-free) beside
+    the student as trained and the teacher, and write the handed-over model to final.ckpt
+    (:mod:`mic_uda.handover`). Returns what was handed over."""
+    if not has_running_bn(model.student):
+        return "student"
+    adapt_bn_to_target(model, datamodule, seed=cfg.seed, networks=("student",))
+    tester.test(model, datamodule=datamodule, verbose=False)
+    metrics.update(recalibrated_metrics(as_float_dict(tester.callback_metrics)))
+    print("\nThe student with BN statistics re-estimated on the unlabelled target images (AdaBN):")
+    print(model.result_table())
+    choice = cfg.get("handover", "recalibrated")
+    if choice == "recalibrated" and cfg.get("train"):
+        final = Path(cfg.paths.output_dir) / "checkpoints" / "final.ckpt"
+        tester.save_checkpoint(final)  # AtomicCheckpointIO where the trainer config has it
+        log.info("handed over: %s (the student with target BN statistics)", final)
+    return choice
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
