@@ -79,3 +79,61 @@ def test_teacher_running_policy_uses_eval_mode_and_averages_buffers(make_cfg) ->
 def test_bad_method_value_names_key(make_cfg) -> None:
     with pytest.raises(ValueError, match=r"method.student_bn='target' is not one of \['source', 'all'\]"):
         train(make_cfg(["method=mic", "method.student_bn=target"]))
+
+
+@pytest.mark.parametrize("images", ["target", "source", "one_each"])
+def test_mic_masked_batch_follows_the_official_mask_modes(images: str, make_cfg) -> None:
+    cfg = make_cfg(["method=mic", f"method.mic.images={images}"])
+    module = instantiate(cfg.task.module, _recursive_=False)
+    src = {"image": torch.rand(2, 3, 4, 4), "label": torch.randint(0, 3, (2, 4, 4))}
+    x_t, pl, w = torch.rand(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4)), torch.full((2, 4, 4), 0.3)
+    x, y, weight = module._mic_inputs(src, x_t, pl, w)
+    if images == "target":
+        assert x is x_t and y is pl and weight is w
+    elif images == "source":
+        assert x is src["image"] and y is src["label"] and weight is None
+    else:  # official "separate": [source 0 + GT, weight 1] and [target 0 + pseudo-label, its weight]
+        assert torch.equal(x, torch.stack([src["image"][0], x_t[0]]))
+        assert torch.equal(y, torch.stack([src["label"][0], pl[0]]))
+        assert torch.equal(weight, torch.stack([torch.ones(4, 4), w[0]]))
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_mic_augment_switch_decides_whether_the_masked_images_are_augmented(
+    augment: bool, make_cfg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mic_uda.tasks.seg import SegUDAModule
+
+    calls: list[int] = []
+    real = SegUDAModule._mic_term
+
+    def spy(self, *args, **kwargs):
+        before = len(calls_aug)
+        out = real(self, *args, **kwargs)
+        calls.append(len(calls_aug) - before)
+        return out
+
+    calls_aug: list[int] = []
+    import mic_uda.uda.augment as aug_module
+
+    real_call = aug_module.StrongAugment.__call__
+    monkeypatch.setattr(
+        aug_module.StrongAugment, "__call__", lambda self, x, g: calls_aug.append(1) or real_call(self, x, g)
+    )
+    monkeypatch.setattr(SegUDAModule, "_mic_term", spy)
+    fit(make_cfg, ["method=mic", f"method.mic.augment={str(augment).lower()}"])
+    assert calls == [1 if augment else 0]
+
+
+def test_mic_daformer_preset_switches_on_the_official_behaviours(make_cfg) -> None:
+    cfg = make_cfg(["experiment=mic_daformer_gta2cs", "backbone.weights=w.pth"], tiny=False)
+    m = cfg.method
+    assert m.pseudo_label.weight_scope == "batch" and m.student_bn == "all" and m.augment.draw == "batch"
+    assert m.mix.classes == "batch_union" and m.mix.include_ignore is True
+    assert (m.pseudo_label.ignore_top, m.pseudo_label.ignore_bottom) == (15, 120)
+    assert m.mic.images == "target" and m.mic.augment is True
+    assert cfg.trainer.precision == "32-true" and cfg.handover == "student"
+    dacs = make_cfg(["experiment=daformer_gta2cs", "backbone.weights=w.pth"], tiny=False).method
+    assert (
+        dacs.mic is None and dacs.mix.classes == "batch_union" and dacs.pseudo_label.weight_scope == "batch"
+    )

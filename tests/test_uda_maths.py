@@ -304,3 +304,44 @@ def test_strong_augment_draw_run_fixes_the_coins_from_the_seed() -> None:
 def test_strong_augment_rejects_an_unknown_draw() -> None:
     with pytest.raises(ValueError, match=r"method.augment.draw='step' is not one of"):
         StrongAugment(draw="step")
+
+
+def _replayed_union_masks(labels: torch.Tensor, union: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    out = []
+    for lbl in labels:
+        chosen = union[torch.randperm(union.numel(), generator=g)[: (union.numel() + 1) // 2]]
+        out.append(torch.isin(lbl, chosen))
+    return torch.stack(out).unsqueeze(1).float()
+
+
+def test_classmix_batch_union_draws_half_of_the_batch_classes_per_image() -> None:
+    """Official get_class_masks: candidates = classes of the whole batch, one draw per image."""
+    labels = torch.zeros(2, 4, 6, dtype=torch.long)
+    labels[0, :, 3:] = 1  # image 0: {0, 1}
+    labels[1] = torch.tensor([2, 3, 4, 5, 5, 255])  # image 1: {2, 3, 4, 5} + void
+    masks = classmix_masks(labels, gen(3), classes="batch_union")
+    expected = _replayed_union_masks(labels, torch.tensor([0, 1, 2, 3, 4, 5]), gen(3))
+    assert torch.equal(masks, expected)
+    assert not masks[:, 0][labels == 255].any()  # void is not a candidate unless asked
+    per_image = classmix_masks(labels, gen(3))  # the default draws from each image's own classes
+    assert int(per_image[0].sum()) == 12  # ceil(2/2) = 1 of image 0's two equal halves
+
+
+def test_classmix_include_ignore_makes_void_a_candidate() -> None:
+    labels = torch.tensor([[[0, 1, 255, 255]]])
+    masks = classmix_masks(labels, gen(1), classes="batch_union", include_ignore=True)
+    assert torch.equal(masks, _replayed_union_masks(labels, torch.tensor([0, 1, 255]), gen(1)))
+    pasted_void = [
+        bool(classmix_masks(labels, gen(s), classes="batch_union", include_ignore=True)[0, 0, 0, 2])
+        for s in range(20)
+    ]
+    assert any(pasted_void) and not all(pasted_void)
+    with pytest.raises(ValueError, match=r"method.mix.classes='union' is not one of"):
+        classmix_masks(labels, gen(1), classes="union")
+
+
+def test_confidence_at_the_threshold_counts_as_confident() -> None:
+    """Official ``pseudo_prob.ge(threshold)``."""
+    conf = torch.tensor([[[0.968, 0.5], [0.9, 0.97]]])
+    w = confidence_weight(conf, 0.968, "image")
+    assert torch.allclose(w, torch.full_like(conf, 0.5))

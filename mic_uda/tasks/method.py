@@ -45,6 +45,10 @@ class AugmentConfig:
 @dataclass
 class MixConfig:
     weight: float = 1.0
+    # which classes ClassMix draws half of: "per_image" (present in the image; DACS's description) or
+    # "batch_union" (present in the batch, the official get_class_masks); include_ignore: 255 counts
+    classes: str = "per_image"
+    include_ignore: bool = False
 
 
 @dataclass
@@ -52,6 +56,13 @@ class MaskConfig:
     block_size: int = 32
     ratio: float = 0.7
     weight: float = 1.0
+    # seg: which images are masked (official mask_mode): "target" (the target batch with its
+    # pseudo-labels: separatetrg[aug], GTA/SYNTHIA -> Cityscapes), "source" (the source batch with its
+    # labels: separatesrc[aug]) or "one_each" (the first half of the batch from the source with its
+    # labels and weight 1, the rest from the target: separate[aug], official for Cityscapes -> ACDC /
+    # Dark Zurich); augment: the strong photometric augmentation before masking (the "aug" suffix)
+    images: str = "target"
+    augment: bool = True
     # cls only. False (default, the paper): the update step's masked CE is weighted by the teacher's
     # probability. True: the official SDAT+MIC code, which weights it only in SAM's ascent pass and uses
     # the unweighted CE in the update (MIC cls/examples/cdan_mcc_sdat_masking.py:245-249 vs :264-265).
@@ -147,6 +158,13 @@ _CHOICES = {
 }
 
 
+_TERM_CHOICES = {
+    "mix.classes": ("per_image", "batch_union"),
+    "mic.images": ("target", "source", "one_each"),
+    "mic.confidence_weight": ("none", "prob"),
+}
+
+
 def parse_method(cfg: Any) -> MethodConfig:
     """Validate a method config (dict/DictConfig) into a :class:`MethodConfig`, with clear errors."""
     schema = OmegaConf.structured(MethodConfig)
@@ -161,10 +179,11 @@ def parse_method(cfg: Any) -> MethodConfig:
             raise ValueError(f"method.{key}={value!r} is not one of {list(allowed)}")
     if method.mic is not None and not 0.0 <= method.mic.ratio < 1.0:
         raise ValueError(f"method.mic.ratio must be in [0, 1), got {method.mic.ratio}")
-    if method.mic is not None and method.mic.confidence_weight not in ("none", "prob"):
-        raise ValueError(
-            f"method.mic.confidence_weight={method.mic.confidence_weight!r} is not one of ['none', 'prob']"
-        )
+    for key, allowed in _TERM_CHOICES.items():  # options of a term, checked when the term is on
+        term = key.split(".")[0]
+        value = OmegaConf.select(merged, key)
+        if getattr(method, term) is not None and value not in allowed:
+            raise ValueError(f"method.{key}={value!r} is not one of {list(allowed)}")
     return method
 
 

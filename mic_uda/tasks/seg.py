@@ -98,7 +98,7 @@ class SegUDAModule(UDAModuleBase):
                 if m.mix is not None:
                     logs["train/loss_mix"] = self._mix_term(src, x_t, pl, weight, g)
                 if m.mic is not None:
-                    logs["train/loss_mic"] = self._mic_term(x_t, pl, weight, g)
+                    logs["train/loss_mic"] = self._mic_term(src, x_t, pl, weight, g)
 
         self.finish_step(logs)
 
@@ -111,7 +111,8 @@ class SegUDAModule(UDAModuleBase):
         g: torch.Generator,
     ) -> torch.Tensor:
         """DACS: ClassMix source classes onto the target, strong aug, weighted CE to the mixed label."""
-        mask = classmix_masks(src["label"], g, self.ignore_index).to(x_t)
+        mc = self.method.mix
+        mask = classmix_masks(src["label"], g, self.ignore_index, mc.classes, mc.include_ignore).to(x_t)
         x_m = self.augment(mix(mask, src["image"], x_t), g)
         y_m = mix(mask, src["label"], pl)
         w_m = mix(mask, torch.ones_like(weight), weight)
@@ -120,16 +121,43 @@ class SegUDAModule(UDAModuleBase):
         return loss.detach()
 
     def _mic_term(
-        self, x_t: torch.Tensor, pl: torch.Tensor, weight: torch.Tensor, g: torch.Generator
+        self,
+        src: Mapping[str, torch.Tensor],
+        x_t: torch.Tensor,
+        pl: torch.Tensor,
+        weight: torch.Tensor,
+        g: torch.Generator,
     ) -> torch.Tensor:
-        """MIC: a fresh strong aug of the target, block-masked, against the clean-image pseudo-label."""
+        """MIC: a fresh strong aug of the images (``mic.images``: the target with its clean-image
+        pseudo-label and weight by default), block-masked, against those labels."""
         mc = self.method.mic
-        b, _, h, w = x_t.shape
-        keep = block_mask(b, h, w, mc.block_size, mc.ratio, g, device=x_t.device).to(x_t.dtype)
-        x_k = apply_mask(self.augment(x_t, g), keep, self.mask_fill())
-        loss = mc.weight * weighted_cross_entropy(self.student(x_k), pl, weight, self.ignore_index)
+        images, labels, weights = self._mic_inputs(src, x_t, pl, weight)
+        b, _, h, w = images.shape
+        keep = block_mask(b, h, w, mc.block_size, mc.ratio, g, device=images.device).to(images.dtype)
+        if mc.augment:
+            images = self.augment(images, g)
+        x_k = apply_mask(images, keep, self.mask_fill())
+        loss = mc.weight * weighted_cross_entropy(self.student(x_k), labels, weights, self.ignore_index)
         self.manual_backward(loss)
         return loss.detach()
+
+    def _mic_inputs(
+        self, src: Mapping[str, torch.Tensor], x_t: torch.Tensor, pl: torch.Tensor, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The masked batch of the official ``mask_mode``s: target, source, or the first half of the
+        batch from the source (ground truth, weight 1) and the rest from the target."""
+        mode = self.method.mic.images
+        if mode == "target":
+            return x_t, pl, weight
+        if mode == "source":
+            return src["image"], src["label"], None
+        k = x_t.shape[0] // 2
+        ones = torch.ones_like(weight[:k])
+        return (
+            torch.cat([src["image"][:k], x_t[: x_t.shape[0] - k]]),
+            torch.cat([src["label"][:k], pl[: x_t.shape[0] - k]]),
+            torch.cat([ones, weight[: x_t.shape[0] - k]]),
+        )
 
     # ----------------------------------------------------------------- evaluation
     def _eval_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ def confidence_weight(
 ) -> torch.Tensor:
     """Weight of each pseudo-labelled element, shaped like ``confidence`` (``(B, H, W)`` or ``(B,)``).
 
-    ``weight_type="fraction"``: the fraction of elements with confidence > ``threshold``, one scalar
+    ``weight_type="fraction"``: the fraction of elements with confidence >= ``threshold``, one scalar
     per image (``scope="image"``, the papers' description) or over the whole batch (``"batch"``, the
     official DACS/DAFormer code); for classification (``(B,)``) per-image it is the 0/1 indicator.
     ``"probability"``: the teacher's confidence itself (MIC for classification).
@@ -36,7 +36,7 @@ def confidence_weight(
     if weight_type == "probability":
         weight = confidence.detach().float().clone()
     elif weight_type == "fraction":
-        confident = (confidence > threshold).float()
+        confident = (confidence >= threshold).float()  # official .ge
         if scope == "image":
             q = confident.reshape(confident.shape[0], -1).mean(1)
         elif scope == "batch":
