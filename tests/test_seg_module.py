@@ -133,6 +133,9 @@ def test_mic_daformer_preset_switches_on_the_official_behaviours(make_cfg) -> No
     assert (m.pseudo_label.ignore_top, m.pseudo_label.ignore_bottom) == (15, 120)
     assert m.mic.images == "target" and m.mic.augment is True
     assert cfg.trainer.precision == "32-true" and cfg.handover == "student"
+    assert (
+        m.fd.weight == 0.005 and m.fd.scale_min_ratio == 0.75 and list(m.fd.classes) == [6, 7, *range(11, 19)]
+    )
     dacs = make_cfg(["experiment=daformer_gta2cs", "backbone.weights=w.pth"], tiny=False).method
     assert (
         dacs.mic is None and dacs.mix.classes == "batch_union" and dacs.pseudo_label.weight_scope == "batch"

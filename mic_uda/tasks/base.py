@@ -93,6 +93,7 @@ class UDAModuleBase(L.LightningModule):
         self.generator: torch.Generator | None = None
         self._pending_generator_state: torch.Tensor | None = None
         self._pending_rng_states: dict[str, Any] | None = None
+        self.student_from_init = False  # init_from loaded the student: no ImageNet weights over it
         self.max_bad_steps = int(max_bad_steps)
         self.bad_steps = 0  # consecutive non-finite steps
         self.skipped_steps = 0  # all skipped steps of the run
@@ -102,7 +103,7 @@ class UDAModuleBase(L.LightningModule):
         self.generator = rank_generator(self.hparams.seed, self.global_rank)
         if self._pending_generator_state is not None:
             self.generator.set_state(self._pending_generator_state)
-        if stage == "fit" and self.pretrained_weights:
+        if stage == "fit" and self.pretrained_weights and not self.student_from_init:
             self.student.load_encoder_weights(self.pretrained_weights)
         if stage == "fit" and self.teacher is not None:
             copy_weights(self.teacher, self.student)  # resumed runs overwrite this from the checkpoint

@@ -74,6 +74,18 @@ class MaskConfig:
 
 
 @dataclass
+class FdConfig:
+    """ImageNet Feature Distance (seg, DAFormer): source thing-class cells of the last encoder stage
+    kept close to the frozen ImageNet encoder's (mic_uda.uda.feature_distance)."""
+
+    weight: float = 0.005
+    # train ids of the thing classes (a dataset sets them: data.fd_classes; Cityscapes 6, 7, 11-18);
+    # null = every cell
+    classes: list[int] | None = None
+    scale_min_ratio: float = 0.75
+
+
+@dataclass
 class CdanConfig:
     """CDAN: a domain discriminator on features x predictions behind gradient reversal (SDAT)."""
 
@@ -134,6 +146,7 @@ class MethodConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     mix: MixConfig | None = None  # DACS ClassMix self-training term
     mic: MaskConfig | None = None  # MIC masked image consistency term
+    fd: FdConfig | None = None  # ImageNet feature distance on the source (seg: DAFormer)
     cdan: CdanConfig | None = None  # conditional adversarial alignment (cls: SDAT)
     mcc: MccConfig | None = None  # minimum class confusion (cls: SDAT)
     sam: SamConfig | None = None  # sharpness-aware task loss (cls: SDAT)
@@ -187,7 +200,7 @@ def parse_method(cfg: Any) -> MethodConfig:
     return method
 
 
-OPTIONAL_TERMS = ("mix", "mic", "cdan", "mcc", "sam", "sada")
+OPTIONAL_TERMS = ("mix", "mic", "fd", "cdan", "mcc", "sam", "sada")
 
 
 def check_terms(method: MethodConfig, supported: tuple[str, ...], task: str) -> None:

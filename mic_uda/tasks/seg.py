@@ -18,6 +18,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from mic_uda.tasks.base import UDAModuleBase
 from mic_uda.uda.bn import frozen_bn_statistics
+from mic_uda.uda.feature_distance import ImageNetFeatureDistance
 from mic_uda.uda.losses import weighted_cross_entropy
 from mic_uda.uda.masking import apply_mask, block_mask
 from mic_uda.uda.mixing import classmix_masks, mix
@@ -28,7 +29,7 @@ from mic_uda.utils.metrics import format_iou_table, iou_from_confusion, mean_iou
 class SegUDAModule(UDAModuleBase):
     """Student + EMA teacher for segmentation UDA (source-only, oracle, DACS, MIC)."""
 
-    supported_terms = ("mix", "mic")
+    supported_terms = ("mix", "mic", "fd")
     primary_metric = "mIoU"
 
     def __init__(
@@ -66,6 +67,22 @@ class SegUDAModule(UDAModuleBase):
             }
         )
         self.last_iou: dict[str, torch.Tensor] = {}
+        self.fd: ImageNetFeatureDistance | None = None
+        if self.method.fd is not None:
+            f = self.method.fd
+            self.fd = ImageNetFeatureDistance(
+                f.weight, f.classes, f.scale_min_ratio, num_classes, ignore_index
+            )
+            self.fd.build_reference(self.student, None)  # the ImageNet weights are loaded in setup
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.fd is not None:
+            if not self.pretrained_weights:
+                raise ValueError(
+                    "method.fd compares with the ImageNet encoder: it needs backbone.weights (a local file)"
+                )
+            self.fd.build_reference(self.student, self.pretrained_weights)  # resuming restores it too
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch: Mapping[str, Mapping[str, torch.Tensor]], batch_idx: int) -> None:
@@ -75,11 +92,19 @@ class SegUDAModule(UDAModuleBase):
         sup = tgt if m.needs_target_labels else src
         logs: dict[str, torch.Tensor] = {}
 
-        loss = weighted_cross_entropy(
-            self.student(sup["image"]), sup["label"], ignore_index=self.ignore_index
-        )
-        self.manual_backward(loss)
+        if self.fd is None:
+            logits = self.student(sup["image"])
+        else:  # FD reads the supervised pass's own last-stage features
+            logits, features = self.student.forward_with_features(sup["image"])
+        loss = weighted_cross_entropy(logits, sup["label"], ignore_index=self.ignore_index)
         logs["train/loss_sup"] = loss.detach()
+        if self.fd is not None:
+            fd, fd_mask = self.fd(sup["image"], sup["label"], features[-1])
+            logs["train/loss_fd"] = fd.detach()
+            logs["train/fd_cells"] = fd_mask.float().mean() if fd_mask is not None else torch.tensor(1.0)
+            logs["train/fd_memory_mb"] = torch.tensor(self.fd.memory_bytes() / 2**20)
+            loss = loss + fd
+        self.manual_backward(loss)
 
         if self.teacher is not None:
             x_t = tgt["image"]

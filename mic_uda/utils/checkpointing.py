@@ -104,4 +104,6 @@ def init_student_from(model: torch.nn.Module, path: str | Path) -> int:
         "(same task.module and backbone as the run that wrote it?)",
     )
     student.load_state_dict(state)
+    if hasattr(model, "student_from_init"):
+        model.student_from_init = True  # setup must not load the ImageNet encoder weights over it
     return int(ckpt.get("global_step", 0))
