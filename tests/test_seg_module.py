@@ -129,6 +129,7 @@ def test_mic_daformer_preset_switches_on_the_official_behaviours(make_cfg) -> No
     cfg = make_cfg(["experiment=mic_daformer_gta2cs", "backbone.weights=w.pth"], tiny=False)
     m = cfg.method
     assert m.pseudo_label.weight_scope == "batch" and m.student_bn == "all" and m.augment.draw == "batch"
+    assert m.augment.semantics == "kornia05"
     assert m.mix.classes == "batch_union" and m.mix.include_ignore is True
     assert (m.pseudo_label.ignore_top, m.pseudo_label.ignore_bottom) == (15, 120)
     assert m.mic.images == "target" and m.mic.augment is True

@@ -122,6 +122,7 @@ def test_cls_paper_presets_are_the_official_runs(preset: str, steps: int, batch:
     m = cfg.method
     assert m.cdan.entropy_conditioning is False and m.mcc.temperature == 2.0 and m.sam.rho == 0.02
     assert m.mic.official_unweighted_update is True and m.student_bn == "all" and m.augment.draw == "run"
+    assert m.augment.semantics == "kornia05"
     assert m.teacher.alpha == 0.9 and m.mic.block_size == 64 and m.mic.ratio == 0.7
     assert cfg.handover == "student"  # what the official code evaluates
     assert cfg.trainer.max_steps == steps and cfg.trainer.precision == "32-true"

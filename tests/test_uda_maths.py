@@ -345,3 +345,32 @@ def test_confidence_at_the_threshold_counts_as_confident() -> None:
     conf = torch.tensor([[[0.968, 0.5], [0.9, 0.97]]])
     w = confidence_weight(conf, 0.968, "image")
     assert torch.allclose(w, torch.full_like(conf, 0.5))
+
+
+def test_kornia05_jitter_maths_on_a_hand_made_image() -> None:
+    """The official code's kornia 0.5 ColorJitter ops (v0.5.10 kornia/enhance/adjust.py)."""
+    import colorsys
+
+    from mic_uda.uda.augment import kornia05_brightness, kornia05_contrast, kornia05_saturation
+
+    img = torch.tensor([[[0.2, 0.9]], [[0.5, 0.9]], [[0.8, 0.3]]])  # (3, 1, 2): two pixels
+    torch.testing.assert_close(kornia05_brightness(img, 1.2), (img + 0.2).clamp(0, 1))  # additive
+    assert float(kornia05_brightness(img, 1.2)[0, 0, 1]) == 1.0  # clamped
+    torch.testing.assert_close(kornia05_contrast(img, 0.8), img * 0.8)  # no mean blend
+    for f in (0.5, 1.7):
+        out = kornia05_saturation(img, f)
+        for px in range(2):
+            h, s, v = colorsys.rgb_to_hsv(*img[:, 0, px].tolist())
+            expected = colorsys.hsv_to_rgb(h, min(max(s * f, 0.0), 1.0), v)
+            torch.testing.assert_close(out[:, 0, px], torch.tensor(expected), atol=1e-6, rtol=0)
+    grey = torch.full((3, 1, 1), 0.4)
+    assert torch.equal(kornia05_saturation(grey, 1.5), grey)
+
+
+def test_strong_augment_semantics_switch_changes_only_the_maths() -> None:
+    x = torch.rand(2, 3, 8, 8)
+    a = StrongAugment(color_jitter_p=1.0, blur_p=0.0, semantics="torchvision")(x, gen(4))
+    b = StrongAugment(color_jitter_p=1.0, blur_p=0.0, semantics="kornia05")(x, gen(4))
+    assert not torch.allclose(a, b) and b.min() >= 0 and b.max() <= 1
+    with pytest.raises(ValueError, match=r"method.augment.semantics='pil' is not one of"):
+        StrongAugment(semantics="pil")

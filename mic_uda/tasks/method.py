@@ -40,6 +40,9 @@ class AugmentConfig:
     # intended behaviour), "batch" (once per step for the whole batch: official DACS/MIC seg), "run"
     # (once per run from the seed: the official MIC cls/det code draws it in Masking.__init__, a bug)
     draw: str = "image"
+    # what the jitter factors do: "torchvision" ops or "kornia05" (the official code's kornia 0.5 maths:
+    # additive brightness, multiplicative contrast, saturation on HSV S); see mic_uda.uda.augment
+    semantics: str = "torchvision"
 
 
 @dataclass
@@ -168,6 +171,7 @@ _CHOICES = {
     "pseudo_label.weight_scope": ("image", "batch"),
     "pseudo_label.weight_type": ("fraction", "probability"),
     "augment.draw": ("image", "batch", "run"),
+    "augment.semantics": ("torchvision", "kornia05"),
 }
 
 

@@ -14,6 +14,35 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 DRAW_CHOICES = ("image", "batch", "run")
+SEMANTICS_CHOICES = ("torchvision", "kornia05")
+
+
+def kornia05_brightness(img: torch.Tensor, factor: float) -> torch.Tensor:
+    """kornia 0.5 ``ColorJitter`` brightness: additive, ``img + (factor - 1)``, clamped to [0, 1]."""
+    return (img + (factor - 1.0)).clamp(0.0, 1.0)
+
+
+def kornia05_contrast(img: torch.Tensor, factor: float) -> torch.Tensor:
+    """kornia 0.5 contrast: a plain multiply (no blend towards the mean), clamped to [0, 1]."""
+    return (img * factor).clamp(0.0, 1.0)
+
+
+def kornia05_saturation(img: torch.Tensor, factor: float) -> torch.Tensor:
+    """kornia 0.5 saturation: the HSV S channel times ``factor``, clamped to [0, 1], H and V kept.
+
+    In closed form (no HSV round trip): with V = max(r, g, b) and S = (V - min) / V, every channel is
+    ``V - (V - c) * S' / S`` for the new S' = clamp(S * factor, 0, 1); grey pixels stay as they are."""
+    v = img.amax(dim=-3, keepdim=True)
+    sat = torch.where(v > 0, (v - img.amin(dim=-3, keepdim=True)) / v.clamp_min(1e-12), torch.zeros_like(v))
+    new_sat = (sat * factor).clamp(0.0, 1.0)
+    ratio = torch.where(sat > 0, new_sat / sat.clamp_min(1e-12), torch.ones_like(sat))
+    return v - (v - img) * ratio
+
+
+#: (brightness, contrast, saturation, hue) ops of each semantics; kornia's hue shift of factor * 2 pi
+#: on H in [0, 2 pi) is torchvision's (h + factor) mod 1
+TORCHVISION_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+KORNIA05_OPS = (kornia05_brightness, kornia05_contrast, kornia05_saturation, TF.adjust_hue)
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
@@ -24,9 +53,13 @@ def _uniform(generator: torch.Generator, low: float, high: float) -> float:
 class StrongAugment:
     """Colour jitter (strength ``s``, probability ``color_jitter_p``) then Gaussian blur.
 
-    Factors follow torchvision semantics: brightness/contrast/saturation in ``[1-s, 1+s]``, hue shift
-    in ``[-s, s]`` of the hue circle (kornia's ``hue=s`` of the official code, which it scales by 2*pi),
-    ops in a random order. Blur kernel ~ 10 % of the image side (odd), sigma ~ U(blur_sigma).
+    Factors in ``[1-s, 1+s]`` for brightness/contrast/saturation, hue shift in ``[-s, s]`` of the hue
+    circle, ops in a random order. ``semantics``: what the factors do. ``torchvision`` (default):
+    multiplicative brightness, contrast blended towards the grey mean, saturation blended with
+    greyscale; ``kornia05``: what the official code's pinned kornia 0.5 ``ColorJitter`` does
+    (``kornia/augmentation/augmentation.py`` ``ColorJitter.apply_transform`` and ``kornia/enhance/adjust.py``
+    at v0.5.10): brightness additive, contrast a plain multiply, saturation on the HSV S channel.
+    Blur kernel ~ 10 % of the image side (odd), sigma ~ U(blur_sigma).
 
     ``draw`` says when the apply/skip coins of jitter and blur are thrown (factors and sigma are
     always drawn per image): ``image`` per image and call; ``batch`` once per call, shared by the
@@ -40,11 +73,16 @@ class StrongAugment:
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.15, 1.15)
     draw: str = "image"
+    semantics: str = "torchvision"
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.draw not in DRAW_CHOICES:
             raise ValueError(f"method.augment.draw={self.draw!r} is not one of {list(DRAW_CHOICES)}")
+        if self.semantics not in SEMANTICS_CHOICES:
+            raise ValueError(
+                f"method.augment.semantics={self.semantics!r} is not one of {list(SEMANTICS_CHOICES)}"
+            )
 
     def run_coins(self) -> tuple[float, float]:
         """The (jitter, blur) coins of ``draw=run``: a function of the seed alone, so a resumed run
@@ -63,11 +101,12 @@ class StrongAugment:
     def _one(self, img: torch.Tensor, g: torch.Generator, coins: tuple[float, float] | None) -> torch.Tensor:
         s = self.color_jitter_strength
         if s > 0 and (coins[0] if coins else _uniform(g, 0, 1)) < self.color_jitter_p:
+            fns = KORNIA05_OPS if self.semantics == "kornia05" else TORCHVISION_OPS
             ops = [
-                (TF.adjust_brightness, _uniform(g, max(0.0, 1 - s), 1 + s)),
-                (TF.adjust_contrast, _uniform(g, max(0.0, 1 - s), 1 + s)),
-                (TF.adjust_saturation, _uniform(g, max(0.0, 1 - s), 1 + s)),
-                (TF.adjust_hue, _uniform(g, -min(s, 0.5), min(s, 0.5))),
+                (fns[0], _uniform(g, max(0.0, 1 - s), 1 + s)),
+                (fns[1], _uniform(g, max(0.0, 1 - s), 1 + s)),
+                (fns[2], _uniform(g, max(0.0, 1 - s), 1 + s)),
+                (fns[3], _uniform(g, -min(s, 0.5), min(s, 0.5))),
             ]
             for i in torch.randperm(4, generator=g, device=g.device).tolist():
                 fn, factor = ops[i]
