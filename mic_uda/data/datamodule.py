@@ -122,7 +122,8 @@ class UDADataModule(L.LightningDataModule):
         """Build ``key``'s dataset once, wrapped as training needs it (hidden target labels, RCS,
         bad-sample skipping)."""
         if key not in self.datasets:
-            ds = _build(self.cfgs[key], key)
+            ds = self._build_target_with_labels() if key == "target" and self.target_labels else None
+            ds = ds if ds is not None else _build(self.cfgs[key], key)
             if key == "target" and not self.target_labels:
                 ds = WithoutLabels(ds)
             if key == "source" and self.rcs_enabled and not isinstance(ds, RareClassSampling):
@@ -131,6 +132,23 @@ class UDADataModule(L.LightningDataModule):
                 ds = SkipBadSamples(ds, key)
             self.datasets[key] = ds
         return self.datasets[key]
+
+    def _build_target_with_labels(self) -> Dataset | None:
+        """The oracle reads the target training labels: a file-based target config that says
+        ``with_labels: false`` (every non-oracle run hides them anyway) is built with labels; a target
+        split without labels on disk is a one-line error. None when the config has no such switch."""
+        cfg = self.cfgs["target"]
+        if isinstance(cfg, Dataset) or cfg is None or "with_labels" not in cfg:
+            return None
+        cfg = OmegaConf.merge(
+            OmegaConf.create(cfg) if not isinstance(cfg, DictConfig) else cfg, {"with_labels": True}
+        )
+        try:
+            return _build(cfg, "target")
+        except (FileNotFoundError, ValueError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            msg = "method=oracle trains on the target's labels, but data.datamodule.target has none here"
+            raise ValueError(f"{msg}: {first}") from e
 
     def _loader(self, key: str, batch_size: int) -> DataLoader:
         """An evaluation loader in a fixed shuffled order (its own generator: the same order every
