@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import get_object
 from omegaconf import OmegaConf
 
 from mic_uda.tasks.method import parse_method
@@ -58,8 +59,32 @@ ALL = [(g, o) for g in GROUPS for o in options(g)]
 def test_every_option_composes(group: str, option: str, make_cfg) -> None:
     task = [f"task={task_of(group, option)}"] if task_of(group, option) else []
     cfg = make_cfg([*task, f"{group}={option}"], tiny=False)
-    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
-    parse_method(cfg.method)
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # interpolations resolve
+    method = parse_method(cfg.method)
+    targets = list(_targets(resolved))
+    assert targets and all(callable(get_object(t)) for t in targets)  # every _target_ imports
+    own = OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml")
+    if group == "method":
+        assert method.name == own.get("name", cfg.method.name)
+    elif "_target_" in own and not str(own._target_).startswith("${"):
+        assert cfg[group]._target_ == own._target_  # the option's own network/logger/... is the one built
+    assert cfg.task.module._target_ in {
+        "mic_uda.tasks.seg.SegUDAModule",
+        "mic_uda.tasks.cls.ClsUDAModule",
+        "mic_uda.tasks.det.DetUDAModule",
+    }
+
+
+def _targets(node: object):
+    """Every ``_target_`` string of a resolved config."""
+    if isinstance(node, dict):
+        if isinstance(node.get("_target_"), str):
+            yield node["_target_"]
+        for v in node.values():
+            yield from _targets(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _targets(v)
 
 
 SHARED_METHODS = [o for o in options("method") if o != "dacs" and task_of("method", o) is None]
