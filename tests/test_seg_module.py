@@ -141,3 +141,37 @@ def test_mic_daformer_preset_switches_on_the_official_behaviours(make_cfg) -> No
     assert (
         dacs.mic is None and dacs.mix.classes == "batch_union" and dacs.pseudo_label.weight_scope == "batch"
     )
+
+
+PRESETS = {
+    "daformer_synthia2cs": ("synthia2cs", "DAFormerNet", False, (15, 120)),
+    "mic_daformer_synthia2cs": ("synthia2cs", "DAFormerNet", True, (15, 120)),
+    "daformer_cs2acdc": ("cs2acdc", "DAFormerNet", False, (0, 0)),
+    "mic_daformer_cs2acdc": ("cs2acdc", "DAFormerNet", True, (0, 0)),
+    "daformer_cs2darkzurich": ("cs2darkzurich", "DAFormerNet", False, (0, 0)),
+    "mic_daformer_cs2darkzurich": ("cs2darkzurich", "DAFormerNet", True, (0, 0)),
+    "dacs_dlv2_gta2cs": ("gta2cs", "DeepLabV2Net", False, (0, 0)),
+    "daformer_dlv2_gta2cs": ("gta2cs", "DeepLabV2Net", False, (15, 120)),
+    "mic_dlv2_gta2cs": ("gta2cs", "DeepLabV2Net", True, (15, 120)),
+}
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_segmentation_paper_presets_carry_the_official_switches(preset: str, make_cfg) -> None:
+    data, net, has_mic, margins = PRESETS[preset]
+    cfg = make_cfg([f"experiment={preset}", "backbone.weights=w.pth"], tiny=False)
+    m = cfg.method
+    assert cfg.data.name == data and cfg.backbone._target_.endswith(net)
+    assert (m.mic is not None) == has_mic and m.mix.classes == "batch_union" and m.mix.include_ignore
+    assert m.pseudo_label.weight_scope == "batch" and m.student_bn == "all"
+    assert (m.augment.draw, m.augment.semantics) == ("batch", "kornia05")
+    assert (m.pseudo_label.ignore_top, m.pseudo_label.ignore_bottom) == margins
+    assert cfg.trainer.precision == "32-true" and cfg.trainer.max_steps == 40000 and cfg.handover == "student"
+    assert (m.fd is None) == (preset == "dacs_dlv2_gta2cs") and cfg.data.rcs.enabled == (
+        preset != "dacs_dlv2_gta2cs"
+    )
+    if has_mic:
+        official_separate = data in ("cs2acdc", "cs2darkzurich")
+        assert (m.mic.images, m.mic.augment) == (
+            ("one_each", False) if official_separate else ("target", True)
+        )
