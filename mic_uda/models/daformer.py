@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mic_uda.models.seg_base import EncoderHeadSegNet
 from mic_uda.models.weights import check_state_dict, require_weights_file
 
 __all__ = [
@@ -133,7 +134,7 @@ class DAFormerHead(nn.Module):
         return self.classifier(self.dropout(x))
 
 
-class DAFormerNet(nn.Module):
+class DAFormerNet(EncoderHeadSegNet):
     """Encoder + DAFormer head; takes images in [0, 1] and normalises internally.
 
     Normalising inside the network keeps the UDA code (mixing, masking, colour jitter) in [0, 1] image
@@ -150,7 +151,7 @@ class DAFormerNet(nn.Module):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
-        super().__init__()
+        super().__init__(mean, std)
         self.encoder_name = encoder_name
         self.num_classes = int(num_classes)
         # weights=None: never download; ImageNet weights come from load_encoder_weights().
@@ -158,35 +159,10 @@ class DAFormerNet(nn.Module):
         # smp encoders return [input, stride 2 (0-channel dummy for MiT), s4, s8, s16, s32]; keep the last 4.
         self.feature_channels: tuple[int, ...] = tuple(int(c) for c in self.encoder.out_channels[-4:])
         self.head = DAFormerHead(self.feature_channels, num_classes, embed_dim, dilations, dropout)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), False)
 
-    def normalize(self, x: Tensor) -> Tensor:
-        """[0, 1] image -> encoder input (ImageNet statistics by default)."""
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-
-    def forward_features(self, x: Tensor) -> list[Tensor]:
-        """The 4 stage features (strides 4, 8, 16, 32) of a [0, 1] image (e.g. for feature distance)."""
-        return list(self.encoder(self.normalize(x))[-4:])
-
-    def forward_with_features(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Logits at x's size and the encoder features, from one encoder pass (FD needs both)."""
-        features = self.forward_features(x)
-        logits = self.head(features)
-        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return logits, features
-
-    def forward(self, x: Tensor) -> Tensor:
-        """[0, 1] images (B, 3, H, W) -> logits (B, num_classes, H, W)."""
-        return self.forward_with_features(x)[0]
-
-    def encoder_parameters(self) -> Iterator[nn.Parameter]:
-        """Encoder parameters (base learning rate)."""
-        return self.encoder.parameters()
-
-    def head_parameters(self) -> Iterator[nn.Parameter]:
-        """Head parameters (DAFormer trains them with a 10x learning rate)."""
-        return self.head.parameters()
+    def stage_features(self, x: Tensor) -> list[Tensor]:
+        """The 4 stage features (strides 4, 8, 16, 32) of a normalised image."""
+        return list(self.encoder(x)[-4:])
 
     def load_encoder_weights(self, path: str | os.PathLike) -> None:
         """Load an ImageNet encoder checkpoint from a local file; never downloads.

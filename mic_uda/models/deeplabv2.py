@@ -18,15 +18,15 @@ mapped). A mismatch lists the missing/unexpected keys and shapes.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mic_uda.models.daformer import IMAGENET_MEAN, IMAGENET_STD, extract_encoder_state_dict
+from mic_uda.models.seg_base import EncoderHeadSegNet
 from mic_uda.models.weights import check_state_dict, require_weights_file
 
 #: mmcv ResNetV1c deep-stem names -> timm's (conv, BN, ReLU) x 3 sequence; the last BN is timm's bn1
@@ -52,7 +52,7 @@ class SummedASPP(nn.Module):
         return torch.stack([conv(x) for conv in self.convs]).sum(0)
 
 
-class DeepLabV2Net(nn.Module):
+class DeepLabV2Net(EncoderHeadSegNet):
     """ResNet-101 body (output stride 8) + summed ASPP; images in [0, 1], normalised inside, like
     :class:`~mic_uda.models.daformer.DAFormerNet` (same interface: ``forward_features`` for FD,
     ``forward_with_features``, ``head`` for the 10x lr group, ``load_encoder_weights``)."""
@@ -65,7 +65,7 @@ class DeepLabV2Net(nn.Module):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
-        super().__init__()
+        super().__init__(mean, std)
         if stem not in STEMS:
             raise ValueError(f"backbone.stem={stem!r} is not one of {list(STEMS)}")
         self.encoder_name = STEMS[stem]
@@ -75,29 +75,10 @@ class DeepLabV2Net(nn.Module):
         )
         self.feature_channels: tuple[int, ...] = tuple(self.encoder.feature_info.channels())
         self.head = SummedASPP(self.feature_channels[-1], num_classes, dilations)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), False)
 
-    def normalize(self, x: Tensor) -> Tensor:
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-
-    def forward_features(self, x: Tensor) -> list[Tensor]:
-        """Stage features layer1..layer4 (strides 4, 8, 8, 8)."""
-        return list(self.encoder(self.normalize(x)))
-
-    def forward_with_features(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        features = self.forward_features(x)
-        logits = F.interpolate(self.head(features), size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return logits, features
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_with_features(x)[0]
-
-    def encoder_parameters(self) -> Iterator[nn.Parameter]:
-        return self.encoder.parameters()
-
-    def head_parameters(self) -> Iterator[nn.Parameter]:
-        return self.head.parameters()
+    def stage_features(self, x: Tensor) -> list[Tensor]:
+        """Stage features layer1..layer4 (strides 4, 8, 8, 8) of a normalised image."""
+        return list(self.encoder(x))
 
     def load_encoder_weights(self, path: str | os.PathLike) -> None:
         """A local ResNet-101 ImageNet state dict (timm/torchvision names, or mmcv's V1c ``stem.*``);
