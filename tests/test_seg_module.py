@@ -175,3 +175,16 @@ def test_segmentation_paper_presets_carry_the_official_switches(preset: str, mak
         assert (m.mic.images, m.mic.augment) == (
             ("one_each", False) if official_separate else ("target", True)
         )
+
+
+def test_named_miou_subsets_are_the_means_of_their_classes(make_cfg) -> None:
+    """SYNTHIA's mIoU16 / mIoU13 are means of 16 / 13 of the 19 per-class IoUs (data.miou_subsets)."""
+    cfg = make_cfg(["method=source_only", "+data.miou_subsets={mIoU2: [0, 3]}"])
+    metrics = train(cfg)
+    names = list(cfg.data.class_names)
+    ious = [metrics[f"test/student/IoU_{names[c]}"] for c in (0, 3)]
+    expected = sum(v for v in ious if v == v) / max(1, sum(v == v for v in ious))
+    assert metrics["test/mIoU2"] == pytest.approx(expected, abs=1e-4)
+    assert metrics["test/student/mIoU2"] == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(Exception, match=r"data.miou_subsets.IoU2"):
+        train(make_cfg(["method=source_only", "+data.miou_subsets={IoU2: [0]}"]))

@@ -45,7 +45,10 @@ class SegUDAModule(UDAModuleBase):
         palette: Sequence[Sequence[int]] | None = None,
         seed: int = 0,
         max_bad_steps: int = 20,
+        miou_subsets: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
+        """``miou_subsets``: extra mean IoUs over class subsets of the evaluation, by name (SYNTHIA's
+        ``mIoU16`` / ``mIoU13``: averages of 16 / 13 of the 19 per-class IoUs, as the papers report)."""
         super().__init__(
             net,
             method,
@@ -58,8 +61,16 @@ class SegUDAModule(UDAModuleBase):
             max_bad_steps,
             ignore_index=ignore_index,
             palette=palette,
+            miou_subsets=miou_subsets,
         )
         self.ignore_index = ignore_index
+        self.miou_subsets = {str(k): [int(c) for c in v] for k, v in (miou_subsets or {}).items()}
+        for key, ids in self.miou_subsets.items():
+            if not key.startswith("mIoU") or any(not 0 <= c < num_classes for c in ids):
+                raise ValueError(
+                    f"data.miou_subsets.{key}: expected a name starting with 'mIoU' and class ids in "
+                    f"[0, {num_classes}), got {ids}"
+                )
         self.val_confusion = nn.ModuleDict(
             {
                 name: MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index)
@@ -209,7 +220,11 @@ class SegUDAModule(UDAModuleBase):
             self.log(f"{prefix}/{name}/mIoU", 100 * miou if not math.isnan(miou) else miou, sync_dist=False)
             for cname, v in zip(self.class_names, iou.tolist()):
                 self.log(f"{prefix}/{name}/IoU_{cname}", 100 * v, sync_dist=False)
+            for key, ids in self.miou_subsets.items():
+                self.log(f"{prefix}/{name}/{key}", 100 * mean_iou(iou[ids]), sync_dist=False)
         self.log(f"{prefix}/mIoU", 100 * mean_iou(self.last_iou["student"]), prog_bar=True)
+        for key, ids in self.miou_subsets.items():
+            self.log(f"{prefix}/{key}", 100 * mean_iou(self.last_iou["student"][ids]))
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
