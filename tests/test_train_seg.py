@@ -64,7 +64,7 @@ def test_last_checkpoint_holds_the_final_weights_between_periodic_saves(make_cfg
     metrics = train(cfg)
     ckpts = Path(cfg.paths.output_dir) / "checkpoints"
     assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 4
-    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step_000004.ckpt"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["final.ckpt", "last.ckpt", "step_000004.ckpt"]
     ecfg = make_cfg(
         [
             f"ckpt_path={ckpts / 'last.ckpt'}",
@@ -76,6 +76,8 @@ def test_last_checkpoint_holds_the_final_weights_between_periodic_saves(make_cfg
         out=tmp_path / "eval",
     )
     assert evaluate(ecfg)["test/mIoU"] == pytest.approx(metrics["test/mIoU"])
+    ecfg.ckpt_path = str(ckpts / "final.ckpt")  # the handed-over, recalibrated model
+    assert evaluate(ecfg)["test/mIoU"] == pytest.approx(metrics["test/recalibrated/mIoU"])
 
 
 def test_fast_dev_run_override(make_cfg) -> None:
