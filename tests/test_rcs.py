@@ -1,5 +1,6 @@
-"""Rare class sampling on a synthetic label set: the softmax class law, eligible images, crop re-draw,
-the automatic statistics cache, determinism, and how a config switches it on."""
+"""Rare class sampling on a synthetic label set: the softmax class law, eligible images (strictly more
+than min_pixels), the crop re-draw (1 + up to 10 crops, strictly more than the threshold, each crop the
+pipeline's cat_max_ratio RandomCrop), the automatic statistics cache, determinism, and the configs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mic_uda.data import seg_files
 from mic_uda.data.datamodule import UDADataModule
 from mic_uda.data.rcs import (
     RareClassSampling,
@@ -27,13 +29,18 @@ H, W = 16, 48
 def _label(kind: int) -> np.ndarray:
     """Class 0 background; kind 0: class 1 in the right half; kind 1: + class 2 in a 6-column stripe on
     the left (90 px below the ignored top row); kind 2: + class 3 in a 2-column stripe (30 px, below
-    min_pixels=40)."""
+    min_pixels=40); kind 3: class 1 only; kind 4: class 0 with class 1 in the last 8 columns."""
     lab = np.zeros((H, W), dtype=np.uint8)
     lab[:, 24:] = 1
     if kind == 1:
         lab[:, :6] = 2
     if kind == 2:
         lab[:, :2] = 3
+    if kind == 3:
+        lab[:] = 1
+    if kind == 4:
+        lab[:] = 0
+        lab[:, 40:] = 1
     lab[0, :] = 255  # an ignored row is never counted
     return lab
 
@@ -81,7 +88,7 @@ def test_sampled_classes_and_images_follow_rcs(tmp_path: Path) -> None:
     chi2 = (((observed - n * expected) ** 2) / (n * expected)).sum()
     assert chi2 < 13.8, (observed, n * expected)  # df = 2, p = 0.001
     for c, i in draws:
-        assert counts[i, c] >= 40
+        assert counts[i, c] > 40
     images_of_2 = {i for c, i in draws if c == 2}
     assert images_of_2 == {1, 3, 6}  # uniform over eligible images: all of them are hit
 
@@ -92,7 +99,7 @@ def test_crop_redraw_makes_the_crop_contain_the_class(tmp_path: Path) -> None:
 
     def share_with_class_2(tries: int) -> float:
         rcs = RareClassSampling(
-            ds, _cfg(tmp_path, temperature=0.01, max_crop_tries=tries, min_crop_pixels=32)
+            ds, _cfg(tmp_path, temperature=0.01, max_crop_redraws=tries - 1, min_crop_pixels=32)
         )
         hits = []
         for _ in range(300):
@@ -108,13 +115,92 @@ def test_crop_redraw_makes_the_crop_contain_the_class(tmp_path: Path) -> None:
     assert share_with_class_2(100) == 1.0
 
 
-def test_crop_threshold_scales_with_the_resize(tmp_path: Path) -> None:
+def test_eligibility_needs_strictly_more_than_min_pixels(tmp_path: Path) -> None:
+    ds = _dataset(tmp_path / "d", KINDS)  # class 2: exactly 90 px in images 1, 3 and 6
+    assert 2 not in RareClassSampling(ds, _cfg(tmp_path, min_pixels=90)).classes.tolist()  # official `>`
+    rcs = RareClassSampling(ds, _cfg(tmp_path, min_pixels=89))
+    assert 2 in rcs.classes.tolist() and rcs.images_with_class[2].tolist() == [1, 3, 6]
+
+
+def _count_crop_draws(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    original = seg_files.crop_offsets
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(seg_files, "crop_offsets", counting)
+    return calls
+
+
+def test_crop_tries_are_one_plus_up_to_ten_redraws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 16x16 crop of an all-class-1 label (top row ignored) holds exactly 240 px of class 1."""
+    ds = _dataset(tmp_path / "d", [3, 3], crop=16)
+    calls = _count_crop_draws(monkeypatch)
+
+    def draws(**kw) -> int:
+        rcs = RareClassSampling(ds, _cfg(tmp_path, min_pixels=10, **kw))
+        calls.clear()
+        assert (rcs[0]["label"] == 1).sum() == 240
+        return len(calls)
+
+    assert draws(min_crop_pixels=239) == 1  # 240 > 239: the first crop is kept
+    assert draws(min_crop_pixels=240) == 11  # never > 240: the first crop and 10 re-draws (official)
+    assert draws(min_crop_pixels=240, max_crop_redraws=3) == 4
+    assert draws(min_crop_pixels=0) == 1  # a zero threshold turns the re-draw off (official ratio 0)
+    assert draws(min_crop_pixels=None, min_crop_ratio=0.0) == 1
+
+
+def test_every_rcs_crop_is_the_pipelines_cat_max_ratio_crop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # one class only: every crop is "dominated", so each RandomCrop draws 1 + 10 times (mmseg)
+    ds = _dataset(tmp_path / "d", [3, 3], crop=16, cat_max_ratio=0.75)
+    calls = _count_crop_draws(monkeypatch)
+    for threshold, expected in [(239, 11), (240, 11 * 11)]:
+        rcs = RareClassSampling(ds, _cfg(tmp_path, min_pixels=10, min_crop_pixels=threshold))
+        calls.clear()
+        rcs[0]
+        assert len(calls) == expected, threshold
+
+
+def test_cat_max_ratio_applies_inside_rcs(tmp_path: Path) -> None:
+    """Class 0 everywhere but class 1 in the last 8 columns: of the 33 offsets of a 16-wide crop, 8 hold
+    class 1 and only 4 of them (5..8 columns) keep class 0 below 75 %. RCS draws class 1 (T = 0.01)."""
+    ds_all = _dataset(tmp_path / "d", [4, 4], crop=16)
+    ds_cat = FolderSegDataset(
+        tmp_path / "d", num_classes=4, crop_size=16, name="synthetic", cat_max_ratio=0.75
+    )
+
+    def dominated_share(ds: FolderSegDataset) -> float:
+        torch.manual_seed(0)
+        rcs = RareClassSampling(ds, _cfg(tmp_path, min_pixels=10, min_crop_pixels=1))
+        shares = []
+        for _ in range(300):
+            lab = rcs[0]["label"]
+            lab = lab[lab != 255]
+            shares.append(bool((lab == 0).float().mean() >= 0.75))
+        return float(np.mean(shares))
+
+    # without: the accepted crops hold 1..8 columns of class 1 uniformly, half of them dominated, plus the
+    # ~5 % where all 11 crops miss class 1 (~0.53); with: a dominated crop survives only when all 11 draws
+    # of every RandomCrop miss (~0.04)
+    assert dominated_share(ds_all) > 0.4
+    assert dominated_share(ds_cat) < 0.12
+
+
+def test_scaled_crop_threshold_option_follows_the_resize(tmp_path: Path) -> None:
+    """``min_crop_pixels: null`` (rcs/default.yaml, not the official rule): scaled by the resize area."""
     ds = _dataset(tmp_path / "d", KINDS, crop=8, resize=(24, 8))  # 48x16 -> 24x8: a quarter of the area
     rcs = RareClassSampling(ds, _cfg(tmp_path))
     assert rcs.crop_threshold(0) == pytest.approx(0.5 * 40 / 4)
     assert RareClassSampling(ds, _cfg(tmp_path, min_crop_pixels=7)).crop_threshold(0) == 7
     s = rcs[0]
     assert s["image"].shape == (3, 8, 8) and s["label"].shape == (8, 8)
+    kept = FolderSegDataset(tmp_path / "d", num_classes=4, crop_size=8, resize=(24, 24), keep_ratio=True)
+    # keep_ratio: 48x16 -> 24x8 again (s = min(24 / 48, 24 / 16)), not 24x24
+    assert RareClassSampling(kept, _cfg(tmp_path)).crop_threshold(0) == pytest.approx(0.5 * 40 / 4)
 
 
 def test_statistics_are_cached_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -219,5 +305,19 @@ def test_config_switches_rcs(make_cfg) -> None:
     )
     assert dm.rcs is not None and dm.rcs.enabled and dm.rcs.temperature == 0.05 and dm.rcs.min_pixels == 100
     assert dm.rcs.cache_dir.endswith(".cache/rcs")
+    assert dm.rcs.min_crop_pixels == 1500 and dm.rcs.max_crop_redraws == 10  # official 0.5 * 3000, 1 + 10
     assert not build_datamodule(make_cfg(["data=gta2cs", "data.rcs.enabled=false"], tiny=False)).rcs_enabled
     assert not build_datamodule(make_cfg(["data=camvid_day2dusk"], tiny=False)).rcs_enabled
+
+
+@pytest.mark.parametrize(
+    "data", ["gta2cs", "synthia2cs", "synthia2cs_16", "cs2acdc", "cs2darkzurich", "cs2bdd_night"]
+)
+def test_benchmark_configs_use_the_official_fixed_crop_threshold(make_cfg, data: str) -> None:
+    from mic_uda.train import build_datamodule
+
+    rcs = build_datamodule(make_cfg([f"data={data}"], tiny=False)).rcs
+    assert rcs is not None and rcs.enabled and rcs.min_pixels == 3000 and rcs.min_crop_pixels == 1500
+    assert rcs.temperature == 0.01 and rcs.max_crop_redraws == 10
+    camvid = build_datamodule(make_cfg(["data=camvid_day2dusk"], tiny=False)).rcs
+    assert camvid is not None and camvid.min_crop_pixels is None  # the scaled option stays the default

@@ -119,3 +119,52 @@ def test_real_camvid_layout_through_config(make_cfg) -> None:
     v = dm.datasets["val"][0]
     assert v["image"].shape == (3, 240, 320) and int(v["label"][v["label"] != 255].max()) <= 10
     assert torch.is_tensor(v["label"])
+
+
+def _gta(tmp_path: Path, h: int, w: int) -> Path:
+    for name in ("images", "labels"):
+        _write(tmp_path / name / "00001.png", np.zeros((h, w, 3) if name == "images" else (h, w), np.uint8))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [((1052, 1914), (704, 1280)), ((720, 1280), (720, 1280))],  # (height, width)
+)
+def test_gta_resize_keeps_the_aspect_ratio_as_mmseg(tmp_path: Path, size, expected) -> None:
+    """mmseg Resize(img_scale=(1280, 720), keep_ratio=True) = mmcv rescale_size: one factor
+    s = min(1280 / long side, 720 / short side), sides int(x * s + 0.5). 1914x1052: s = 1280 / 1914,
+    1052 * s = 703.53 -> 704."""
+    s = GTA5(_gta(tmp_path, *size), crop_size=None)[0]  # the class default: (1280, 720), keep_ratio
+    assert s["image"].shape == (3, *expected) and s["label"].shape == expected
+    exact = GTA5(tmp_path, crop_size=None, keep_ratio=False)[0]  # the old forced size
+    assert exact["image"].shape == (3, 720, 1280) and exact["label"].shape == (720, 1280)
+    cropped = GTA5(tmp_path, crop_size=512)[0]
+    assert cropped["image"].shape == (3, 512, 512)
+
+
+def test_keep_ratio_size_rule(tmp_path: Path) -> None:
+    ds = GTA5(_gta(tmp_path, 24, 32), crop_size=None)
+    assert ds.resized_size(1052, 1914) == (704, 1280)
+    assert ds.resized_size(1000, 1000) == (720, 720)  # the short-side limit binds
+    assert ds.resized_size(360, 640) == (720, 1280)  # upscaling too, as mmcv
+    assert ds.resized_size(1914, 1052) == (1280, 704)  # portrait: long side to 1280
+    city = Cityscapes.__new__(Cityscapes)  # the size rule only needs resize / keep_ratio
+    city.resize, city.keep_ratio = (1024, 512), True
+    assert city.resized_size(1024, 2048) == (512, 1024)
+    city.resize = (960, 540)
+    assert city.resized_size(1080, 1920) == (540, 960)  # ACDC / Dark Zurich
+
+
+def test_native_label_is_for_evaluation_splits(tmp_path: Path) -> None:
+    _gta(tmp_path, 24, 32)
+    with pytest.raises(ValueError, match="native_label=true is for evaluation splits"):
+        GTA5(tmp_path, crop_size=16, native_label=True)
+    with pytest.raises(ValueError, match="native_label=true is for evaluation splits"):
+        GTA5(tmp_path, crop_size=None, hflip=True, native_label=True)
+    with pytest.raises(ValueError, match=r"resize \[16\]"):
+        GTA5(tmp_path, resize=[16], crop_size=None)
+    s = GTA5(tmp_path, resize=(16, 12), keep_ratio=False, crop_size=None, native_label=True)[0]
+    assert s["image"].shape == (3, 12, 16) and s["label"].shape == (12, 16)
+    assert s["label_native"].shape == (24, 32)
+    assert "label_native" not in GTA5(tmp_path, resize=(16, 12), crop_size=None)[0]

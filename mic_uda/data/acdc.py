@@ -31,6 +31,8 @@ class ACDC(PairedSegDataset):
         hflip: bool = False,
         cat_max_ratio: float = 1.0,
         class_subset: Sequence[int] | None = None,
+        keep_ratio: bool = False,
+        native_label: bool = False,
     ) -> None:
         root, conditions = Path(root), [conditions] if isinstance(conditions, str) else list(conditions)
         unknown = [c for c in conditions if c not in ACDC_CONDITIONS]
@@ -58,4 +60,16 @@ class ACDC(PairedSegDataset):
                 "ACDC",
             )
         name = f"ACDC/{split}/{'+'.join(conditions)}"
-        super().__init__(pairs, 19, mapping, resize, crop_size, hflip, name, cat_max_ratio, class_subset)
+        super().__init__(
+            pairs,
+            19,
+            mapping,
+            resize,
+            crop_size,
+            hflip,
+            name,
+            cat_max_ratio,
+            class_subset,
+            keep_ratio=keep_ratio,
+            native_label=native_label,
+        )

@@ -64,6 +64,8 @@ class BDD100K(PairedSegDataset):
         hflip: bool = False,
         cat_max_ratio: float = 1.0,
         class_subset: Sequence[int] | None = None,
+        keep_ratio: bool = False,
+        native_label: bool = False,
     ) -> None:
         root = Path(root)
         img_dir = require_dir(root / "images" / "10k" / split, "BDD100K", BDD100K_LAYOUT)
@@ -107,4 +109,16 @@ class BDD100K(PairedSegDataset):
             require_dir(mask_dir, "BDD100K", BDD100K_LAYOUT)
         pairs = _pairs_by_stem(images, lambda p: mask_dir / f"{p.stem}.png", with_labels, "BDD100K")
         name = f"BDD100K/{split}/{selection}"
-        super().__init__(pairs, 19, None, resize, crop_size, hflip, name, cat_max_ratio, class_subset)
+        super().__init__(
+            pairs,
+            19,
+            None,
+            resize,
+            crop_size,
+            hflip,
+            name,
+            cat_max_ratio,
+            class_subset,
+            keep_ratio=keep_ratio,
+            native_label=native_label,
+        )

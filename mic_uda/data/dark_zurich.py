@@ -32,6 +32,8 @@ class DarkZurich(PairedSegDataset):
         hflip: bool = False,
         cat_max_ratio: float = 1.0,
         class_subset: Sequence[int] | None = None,
+        keep_ratio: bool = False,
+        native_label: bool = False,
     ) -> None:
         root = Path(root)
         if time_of_day not in DARK_ZURICH_TIMES:
@@ -48,4 +50,16 @@ class DarkZurich(PairedSegDataset):
                 "Dark Zurich",
             )
         name = f"DarkZurich/{split}/{time_of_day}"
-        super().__init__(pairs, 19, mapping, resize, crop_size, hflip, name, cat_max_ratio, class_subset)
+        super().__init__(
+            pairs,
+            19,
+            mapping,
+            resize,
+            crop_size,
+            hflip,
+            name,
+            cat_max_ratio,
+            class_subset,
+            keep_ratio=keep_ratio,
+            native_label=native_label,
+        )

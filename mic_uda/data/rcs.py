@@ -1,20 +1,28 @@
 """Rare Class Sampling (DAFormer; SPEC 2), with the class statistics computed and cached automatically.
 
-Each source sample is drawn as (class, image, crop) instead of by index:
+Each source sample is drawn as (class, image, crop) instead of by index, as the official
+``UDADataset.get_rare_class_sample`` (MIC/DAFormer ``mmseg/datasets/uda_dataset.py``):
 
 1. class ``c`` with P(c) = softmax((1 - f_c) / T) over the classes that occur, where f_c is the share of
    c among all labelled source pixels (255 excluded) and T the temperature (0.01);
-2. an image uniformly among those with at least ``min_pixels`` pixels of c;
-3. the random crop, re-drawn up to ``max_crop_tries`` times until it holds enough pixels of c.
+2. an image uniformly among those with more than ``min_pixels`` pixels of c (strictly more, official
+   ``pixels > min_pixels``);
+3. the random crop: one crop and up to ``max_crop_redraws`` (10) re-drawn ones until a crop holds more
+   than the crop threshold of pixels of c (strictly; the last re-draw is kept unchecked, at most 11
+   crops). Every crop, first or re-drawn, is the source pipeline's ``RandomCrop``: with the dataset's
+   ``cat_max_ratio`` (0.75 in the papers) it is itself re-drawn up to 10 times while one class
+   dominates (:meth:`PairedSegDataset.draw_crop`), as each official ``self.source[i1]`` call runs the
+   whole pipeline. A crop threshold of 0 turns step 3's re-draw off (official ``min_crop_ratio=0``).
 
 Units. Statistics are counted on the label files at their own resolution, and ``min_pixels`` (official:
-3000) is compared with those counts, as in the official code. The crop criterion works on the resized
-image, so its threshold is scaled by the resize area: ``min_crop_ratio * min_pixels * (resized area /
-label area)``, i.e. "the crop holds at least half the amount that made the image eligible", whatever
-the recipe's resize. The official code instead compares the resized crop with an unscaled
-``0.5 * 3000 = 1500`` px (raised by hand to 4x for HRDA's full-resolution crops); ``min_crop_pixels``
-sets such a fixed threshold (in resized pixels) to reproduce it. For small images lower ``min_pixels``
-(3000 px is 0.15 % of a 1914x1052 GTA frame, DAFormer issue #60).
+3000) is compared with those counts, as in the official code. The crop threshold is in pixels of the
+resized crop. ``min_crop_pixels`` sets it directly: the official code compares the resized crop with the
+fixed ``min_crop_ratio * min_pixels = 0.5 * 3000 = 1500`` px (4x, 6000, for HRDA's 1024 crops), which
+the benchmark data configs set (``min_crop_pixels: 1500``). With ``min_crop_pixels: null`` (the
+``rcs/default.yaml`` default, for other datasets) it is scaled by the resize area instead:
+``min_crop_ratio * min_pixels * (resized area / label area)``, i.e. "the crop holds at least half the
+amount that made the image eligible", whatever the recipe's resize (GTA 1914x1052 -> 1280x704: ~671 px).
+For small images lower ``min_pixels`` (3000 px is 0.15 % of a 1914x1052 GTA frame, DAFormer issue #60).
 
 Cache. The per-image class counts are read once (every source label, with a progress bar) and stored
 as JSON in ``cache_dir``, named by a hash of the label files (paths relative to their common folder,
@@ -49,7 +57,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from mic_uda.data.seg_files import IGNORE, PairedSegDataset, apply_crop, crop_offsets
+from mic_uda.data.seg_files import IGNORE, PairedSegDataset, apply_crop
 
 log = logging.getLogger(__name__)
 STATS_VERSION = 1
@@ -59,10 +67,10 @@ STATS_VERSION = 1
 class RCSConfig:
     enabled: bool = False
     temperature: float = 0.01
-    min_pixels: int = 3000  # pixels of the class an image needs, at label-file resolution
-    min_crop_ratio: float = 0.5  # crop threshold = ratio * min_pixels, scaled to the resized image
-    min_crop_pixels: int | None = None  # a fixed crop threshold in resized pixels instead (official: 1500)
-    max_crop_tries: int = 10
+    min_pixels: int = 3000  # an image is eligible with > min_pixels of the class, at label-file resolution
+    min_crop_ratio: float = 0.5  # with min_crop_pixels null: threshold = ratio * min_pixels * area scale
+    min_crop_pixels: int | None = None  # the crop threshold in resized pixels (official: 0.5 * 3000 = 1500)
+    max_crop_redraws: int = 10  # crops re-drawn after the first (official: 10, i.e. at most 11 crops)
     cache_dir: str | None = None  # None: ~/.cache/mic_uda/rcs
     stats_workers: int = 0  # DataLoader workers for the one-off label pass
 
@@ -80,10 +88,17 @@ def parse_rcs(cfg: Any) -> RCSConfig | None:
             f"invalid data.rcs config: {e} (allowed keys: {allowed})".replace("\n", " | ")
         ) from e
     out: RCSConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    if out.temperature <= 0 or out.min_pixels < 0 or out.min_crop_ratio < 0 or out.max_crop_tries < 1:
+    bad_pixels = out.min_crop_pixels is not None and out.min_crop_pixels < 0
+    if (
+        out.temperature <= 0
+        or out.min_pixels < 0
+        or out.min_crop_ratio < 0
+        or bad_pixels
+        or out.max_crop_redraws < 0
+    ):
         raise ValueError(
-            f"data.rcs: expected temperature > 0, min_pixels >= 0, min_crop_ratio >= 0 and "
-            f"max_crop_tries >= 1, got {out}"
+            f"data.rcs: expected temperature > 0, min_pixels >= 0, min_crop_ratio >= 0, "
+            f"min_crop_pixels >= 0 (or null) and max_crop_redraws >= 0, got {out}"
         )
     return out
 
@@ -212,16 +227,16 @@ class RareClassSampling(Dataset):
         self.dataset, self.cfg = dataset, parse_rcs(cfg) or RCSConfig(enabled=True)
         self.stats = stats or load_or_compute_stats(dataset, self.cfg.cache_dir, self.cfg.stats_workers)
         classes, probs = class_probabilities(self.stats.counts.sum(0), self.cfg.temperature)
-        eligible = {int(c): np.flatnonzero(self.stats.counts[:, c] >= self.cfg.min_pixels) for c in classes}
+        eligible = {int(c): np.flatnonzero(self.stats.counts[:, c] > self.cfg.min_pixels) for c in classes}
         keep = np.array([len(eligible[int(c)]) > 0 for c in classes], dtype=bool)
         if not keep.any():
             raise ValueError(
-                f"RCS: no image of {dataset.name} has >= {self.cfg.min_pixels} pixels of any class; "
+                f"RCS: no image of {dataset.name} has > {self.cfg.min_pixels} pixels of any class; "
                 "lower data.rcs.min_pixels"
             )
         if not keep.all():
             log.warning(
-                "RCS: classes %s occur in %s but no image has >= %d pixels of them: never sampled",
+                "RCS: classes %s occur in %s but no image has > %d pixels of them: never sampled",
                 classes[~keep].tolist(),
                 dataset.name,
                 self.cfg.min_pixels,
@@ -256,14 +271,12 @@ class RareClassSampling(Dataset):
         self._generator().set_state(state["generator"])
 
     def crop_threshold(self, i: int) -> float:
-        """Pixels of the drawn class a crop of image ``i`` must hold (resized-image pixels)."""
+        """Pixels of the drawn class a crop of image ``i`` must exceed (resized-image pixels)."""
         if self.cfg.min_crop_pixels is not None:
             return float(self.cfg.min_crop_pixels)
-        scale = 1.0
-        if self.dataset.resize is not None:
-            h, w = self.stats.sizes[i]
-            scale = self.dataset.resize[0] * self.dataset.resize[1] / float(h * w)
-        return self.cfg.min_crop_ratio * self.cfg.min_pixels * scale
+        h, w = (int(v) for v in self.stats.sizes[i])
+        rh, rw = self.dataset.resized_size(h, w)
+        return self.cfg.min_crop_ratio * self.cfg.min_pixels * (rh * rw) / float(h * w)
 
     def draw(self) -> tuple[int, int]:
         """(class, image index) of the next sample."""
@@ -272,6 +285,21 @@ class RareClassSampling(Dataset):
         images = self.images_with_class[c]
         return c, int(images[int(torch.randint(len(images), (), generator=g))])
 
+    def crop_for_class(
+        self, c: int, image: torch.Tensor, label: torch.Tensor, threshold: float
+    ) -> tuple[int, int]:
+        """(top, left) of the crop: the pipeline's crop (with its ``cat_max_ratio`` re-draws), re-drawn up
+        to ``max_crop_redraws`` times until it holds more than ``threshold`` pixels of ``c``."""
+        g, size = self._generator(), self.dataset.crop_size
+        assert size is not None
+        top, left = self.dataset.draw_crop(image, label, g)
+        if threshold > 0:
+            for _ in range(self.cfg.max_crop_redraws):
+                if (label[top : top + size, left : left + size] == c).sum().item() > threshold:
+                    break
+                top, left = self.dataset.draw_crop(image, label, g)
+        return top, left
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
         c, i = self.draw()
         g = self._generator()
@@ -279,11 +307,7 @@ class RareClassSampling(Dataset):
         assert label is not None
         size = self.dataset.crop_size
         if size is not None:
-            threshold = self.crop_threshold(i)
-            for _ in range(self.cfg.max_crop_tries):
-                top, left = crop_offsets(image, size, g)
-                if (label[top : top + size, left : left + size] == c).sum().item() >= threshold:
-                    break
+            top, left = self.crop_for_class(c, image, label, self.crop_threshold(i))
             image, label = apply_crop(image, label, top, left, size)
         if self.dataset.hflip and torch.rand((), generator=g) < 0.5:
             image, label = image.flip(-1), label.flip(-1)

@@ -98,13 +98,25 @@ def subset_lut(class_subset: Sequence[int] | None, num_classes: int) -> torch.Te
 class PairedSegDataset(Dataset):
     """Image/label file pairs with optional id mapping, resize, random crop and flip.
 
-    ``resize``: (width, height) applied first (e.g. GTA 1914x1052 -> 1280x720); ``crop_size``: random
-    square crop of that side (training); ``hflip``: random horizontal flip. ``cat_max_ratio`` < 1
-    re-draws a crop (up to 10 times) while one class covers more than that share of its labelled
-    pixels (mmseg's ``RandomCrop``, 0.75 in the papers' source pipelines). ``class_subset`` keeps only
-    these train ids, renumbered 0..k-1 in that order (others -> 255), e.g. the 16 SYNTHIA classes.
+    ``resize``: (width, height), applied first. ``keep_ratio=false`` resizes to exactly that size;
+    ``keep_ratio=true`` rescales by one factor as mmseg's ``Resize(img_scale, keep_ratio=True)`` (the
+    papers' pipelines; see :meth:`resized_size`): GTA 1914x1052 with (1280, 720) -> 1280x704.
+    ``crop_size``: random square crop of that side (training); ``hflip``: random horizontal flip.
+    ``cat_max_ratio`` < 1 re-draws a crop (up to 10 times) while one class covers that share or more
+    of its labelled pixels (mmseg's ``RandomCrop``, 0.75 in the papers' source pipelines; see
+    :meth:`draw_crop`). ``class_subset`` keeps only these train ids, renumbered 0..k-1 in that order
+    (others -> 255), e.g. the 16 SYNTHIA classes.
+
+    ``native_label`` (evaluation splits: no crop, no flip): items also carry ``label_native``, the label
+    at its file's own resolution, while ``image`` (and ``label``) are resized for the network. The
+    segmentation evaluation upsamples the logits bilinearly to ``label_native``'s size and scores them
+    there, as the official mmseg test (logits rescaled to ``ori_shape``, full-resolution ground truth).
+    Batches stack ``label_native``: every label of a batch must have one size (true of Cityscapes, ACDC,
+    Dark Zurich, BDD100K); otherwise evaluation fails naming the sizes, and ``val_batch_size=1`` is
+    the fix (mic_uda.data.datamodule.eval_collate).
+
     Randomness uses torch's global RNG unless a ``generator`` is passed to :meth:`augment` /
-    :func:`crop_offsets` (rare class sampling owns one); UDADataModule's training loaders seed it per
+    :meth:`draw_crop` (rare class sampling owns one); UDADataModule's training loaders seed it per
     sample from the stream position (mic_uda.data.resumable), so crops and flips repeat after a resume.
     """
 
@@ -119,6 +131,8 @@ class PairedSegDataset(Dataset):
         name: str = "dataset",
         cat_max_ratio: float = 1.0,
         class_subset: Sequence[int] | None = None,
+        keep_ratio: bool = False,
+        native_label: bool = False,
     ) -> None:
         if len(pairs) == 0:
             raise ValueError(f"{name}: no images found")
@@ -128,8 +142,16 @@ class PairedSegDataset(Dataset):
         self.class_subset = [int(c) for c in class_subset] if class_subset is not None else None
         self.subset_lut = subset_lut(class_subset, num_classes)
         self.num_classes = len(self.class_subset) if self.class_subset is not None else num_classes
-        self.resize = tuple(resize) if resize is not None else None
+        self.resize = tuple(int(v) for v in resize) if resize is not None else None
+        if self.resize is not None and (len(self.resize) != 2 or min(self.resize) <= 0):
+            raise ValueError(f"{name}: resize {list(self.resize)}: expected [width, height] > 0")
         self.crop_size, self.hflip, self.cat_max_ratio = crop_size, hflip, cat_max_ratio
+        self.keep_ratio, self.native_label = bool(keep_ratio), bool(native_label)
+        if self.native_label and (crop_size is not None or hflip):
+            raise ValueError(
+                f"{name}: native_label=true is for evaluation splits: it needs crop_size=null and "
+                f"hflip=false, got crop_size={crop_size}, hflip={hflip}"
+            )
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -170,8 +192,24 @@ class PairedSegDataset(Dataset):
             label = self.subset_lut[label]
         return label
 
-    def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Image (float 0..1, CxHxW) and label of pair ``i``, resized but not cropped or flipped."""
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) of a ``height`` x ``width`` image after ``resize``.
+
+        ``keep_ratio=false``: ``resize`` itself. ``keep_ratio=true``: mmcv's ``rescale_size`` (used by
+        mmseg's ``Resize`` with ``keep_ratio=True``, its default): one factor
+        ``s = min(max(resize) / max(h, w), min(resize) / min(h, w))``, sides ``int(side * s + 0.5)``.
+        GTA 1914x1052 with (1280, 720): s = 1280 / 1914 -> 1280x704; Cityscapes 2048x1024 with
+        (1024, 512) and ACDC / Dark Zurich 1920x1080 with (960, 540): s = 0.5 either way.
+        """
+        if self.resize is None:
+            return height, width
+        if not self.keep_ratio:
+            return self.resize[1], self.resize[0]
+        s = min(max(self.resize) / max(height, width), min(self.resize) / min(height, width))
+        return int(height * s + 0.5), int(width * s + 0.5)
+
+    def read(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image (float 0..1, CxHxW) and label of pair ``i`` at the files' own resolution."""
         img_path, lbl_path = self.pairs[i]
         try:
             image = torch.from_numpy(np.array(Image.open(img_path).convert("RGB"))).permute(2, 0, 1)
@@ -184,24 +222,46 @@ class PairedSegDataset(Dataset):
                 f"{lbl_path}: label size {tuple(label.shape)} != image size {tuple(image.shape[-2:])}"
                 f" of {img_path}"
             )
-        if self.resize is not None:
-            w, h = self.resize
-            image = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-            if label is not None:
-                label = F.interpolate(label[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
         return image, label
+
+    def resize_pair(
+        self, image: torch.Tensor, label: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The image (bilinear, align_corners=False) and label (nearest) at :meth:`resized_size`."""
+        h, w = self.resized_size(*image.shape[-2:])
+        if (h, w) == tuple(image.shape[-2:]):
+            return image, label  # interpolating to the same size is the identity
+        image = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        if label is not None:
+            label = F.interpolate(label[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
+        return image, label
+
+    def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image (float 0..1, CxHxW) and label of pair ``i``, resized but not cropped or flipped."""
+        return self.resize_pair(*self.read(i))
+
+    def draw_crop(
+        self, image: torch.Tensor, label: torch.Tensor | None, generator: torch.Generator | None = None
+    ) -> tuple[int, int]:
+        """(top, left) of a random ``crop_size`` crop, as mmseg's ``RandomCrop``: one uniform draw and,
+        with ``cat_max_ratio`` < 1 and a label, up to 10 re-draws while the crop holds fewer than two
+        labelled classes or its largest class covers ``cat_max_ratio`` or more of its labelled pixels
+        (255 excluded); the 10th re-draw is kept unchecked (at most 11 draws)."""
+        assert self.crop_size is not None
+        top, left = crop_offsets(image, self.crop_size, generator)
+        if label is not None and self.cat_max_ratio < 1.0:
+            for _ in range(10):
+                if not _one_class_dominates(label, top, left, self.crop_size, self.cat_max_ratio):
+                    break
+                top, left = crop_offsets(image, self.crop_size, generator)
+        return top, left
 
     def augment(
         self, image: torch.Tensor, label: torch.Tensor | None, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The training crop (with the ``cat_max_ratio`` re-draw) and the random flip."""
         if self.crop_size is not None:
-            top, left = crop_offsets(image, self.crop_size, generator)
-            if label is not None and self.cat_max_ratio < 1.0:
-                for _ in range(10):
-                    if not _one_class_dominates(label, top, left, self.crop_size, self.cat_max_ratio):
-                        break
-                    top, left = crop_offsets(image, self.crop_size, generator)
+            top, left = self.draw_crop(image, label, generator)
             image, label = apply_crop(image, label, top, left, self.crop_size)
         if self.hflip and torch.rand((), generator=generator) < 0.5:
             image = image.flip(-1)
@@ -209,10 +269,17 @@ class PairedSegDataset(Dataset):
         return image, label
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
-        image, label = self.augment(*self.load(i))
+        native: torch.Tensor | None = None
+        if self.native_label:
+            image, native = self.read(i)
+            image, label = self.resize_pair(image, native)  # no crop, no flip (checked in __init__)
+        else:
+            image, label = self.augment(*self.load(i))
         out: dict[str, torch.Tensor | int] = {"image": image.contiguous(), "index": i}
         if label is not None:
             out["label"] = label.contiguous()
+        if native is not None:
+            out["label_native"] = native.contiguous()
         return out
 
 
@@ -303,7 +370,9 @@ GTA5_LAYOUT = "<root>/images/*.png and <root>/labels/*.png (same file names; Cit
 
 
 class GTA5(PairedSegDataset):
-    """GTA5 (Richter et al.): ``images/*.png``, ``labels/*.png`` with Cityscapes ids -> 19 train ids."""
+    """GTA5 (Richter et al.): ``images/*.png``, ``labels/*.png`` with Cityscapes ids -> 19 train ids.
+    Default recipe (DAFormer/MIC): ``Resize(img_scale=(1280, 720))`` keeping the aspect ratio, i.e.
+    1914x1052 -> 1280x704 (``keep_ratio=false``: exactly 1280x720), 512 crops."""
 
     def __init__(
         self,
@@ -314,6 +383,8 @@ class GTA5(PairedSegDataset):
         hflip: bool = False,
         cat_max_ratio: float = 1.0,
         class_subset: Sequence[int] | None = None,
+        keep_ratio: bool = True,
+        native_label: bool = False,
     ) -> None:
         root = Path(root)
         img_dir = require_dir(root / "images", "GTA5", GTA5_LAYOUT)
@@ -330,6 +401,8 @@ class GTA5(PairedSegDataset):
             "GTA5",
             cat_max_ratio,
             class_subset,
+            keep_ratio=keep_ratio,
+            native_label=native_label,
         )
 
 
@@ -353,6 +426,8 @@ class Cityscapes(PairedSegDataset):
         hflip: bool = False,
         cat_max_ratio: float = 1.0,
         class_subset: Sequence[int] | None = None,
+        keep_ratio: bool = False,
+        native_label: bool = False,
     ) -> None:
         root = Path(root)
         img_dir = require_dir(root / "leftImg8bit" / split, "Cityscapes", CITYSCAPES_LAYOUT)
@@ -369,7 +444,17 @@ class Cityscapes(PairedSegDataset):
                 "Cityscapes",
             )
         super().__init__(
-            pairs, 19, mapping, resize, crop_size, hflip, f"Cityscapes/{split}", cat_max_ratio, class_subset
+            pairs,
+            19,
+            mapping,
+            resize,
+            crop_size,
+            hflip,
+            f"Cityscapes/{split}",
+            cat_max_ratio,
+            class_subset,
+            keep_ratio=keep_ratio,
+            native_label=native_label,
         )
 
 
@@ -399,6 +484,8 @@ class FolderSegDataset(PairedSegDataset):
         name: str = "folder",
         cat_max_ratio: float = 1.0,
         class_subset: Sequence[int] | None = None,
+        keep_ratio: bool = False,
+        native_label: bool = False,
     ) -> None:
         root = Path(root)
         layout = f"<root>/{image_dir}/<stem>.<jpg|png>, <root>/{label_dir}/<stem>{label_suffix}" + (
@@ -417,7 +504,17 @@ class FolderSegDataset(PairedSegDataset):
         labels_at = root / label_dir
         pairs = _pairs_by_stem(images, lambda p: labels_at / f"{p.stem}{label_suffix}", with_labels, name)
         super().__init__(
-            pairs, num_classes, label_mapping, resize, crop_size, hflip, name, cat_max_ratio, class_subset
+            pairs,
+            num_classes,
+            label_mapping,
+            resize,
+            crop_size,
+            hflip,
+            name,
+            cat_max_ratio,
+            class_subset,
+            keep_ratio=keep_ratio,
+            native_label=native_label,
         )
 
     @staticmethod

@@ -72,6 +72,8 @@ class SYNTHIA(PairedSegDataset):
         hflip: bool = False,
         cat_max_ratio: float = 1.0,
         class_subset: Sequence[int] | None = None,
+        keep_ratio: bool = False,
+        native_label: bool = False,
     ) -> None:
         root = Path(root)
         images = sorted_glob(
@@ -84,7 +86,19 @@ class SYNTHIA(PairedSegDataset):
             converted = (gt / f"{images[0].stem}_labelTrainIds.png").is_file()
             suffix, mapping = ("_labelTrainIds.png", None) if converted else (".png", mapping)
             pairs = _pairs_by_stem(images, lambda p: gt / f"{p.stem}{suffix}", True, "SYNTHIA")
-        super().__init__(pairs, 19, mapping, resize, crop_size, hflip, "SYNTHIA", cat_max_ratio, class_subset)
+        super().__init__(
+            pairs,
+            19,
+            mapping,
+            resize,
+            crop_size,
+            hflip,
+            "SYNTHIA",
+            cat_max_ratio,
+            class_subset,
+            keep_ratio=keep_ratio,
+            native_label=native_label,
+        )
 
     def read_ids(self, path: Path) -> torch.Tensor:
         return read_png_first_channel(path)
