@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import CombinedLoader
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from mic_uda.data.bad_samples import SkipBadSamples, check_on_bad_sample
 from mic_uda.data.rcs import RareClassSampling, RCSConfig, parse_rcs
@@ -33,6 +33,25 @@ class WithoutLabels(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return {k: v for k, v in self.dataset[i].items() if k not in self.label_keys}
+
+
+def eval_collate(items: list[Any]) -> Any:
+    """``default_collate`` of an evaluation batch, with a clear error when its items differ in size
+    (labels kept at their native resolution, ``native_label``, of a split whose frames differ in size):
+    the message names the key and the sizes; ``data.datamodule.val_batch_size=1`` evaluates such a split."""
+    try:
+        return default_collate(items)
+    except RuntimeError as e:
+        if not items or not isinstance(items[0], Mapping):
+            raise
+        for key in items[0]:
+            shapes = sorted({tuple(it[key].shape) for it in items if torch.is_tensor(it.get(key))})
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"evaluation batch: '{key}' differs in size across its {len(items)} items ({shapes}); "
+                    "set data.datamodule.val_batch_size=1 (or resize these items to one size)"
+                ) from e
+        raise
 
 
 def _build(cfg: Any, key: str) -> Dataset:
@@ -155,7 +174,8 @@ class UDADataModule(L.LightningDataModule):
         epoch and run, ``iter()`` off the global RNG). Not in file order, because a teacher that
         normalises with batch statistics (``method.teacher.bn=batch``) depends on what shares its
         batch: class-folder sets list images class by class, and class-pure batches of 500 cut the
-        teacher's MNIST-M accuracy from 46 to 32 %. Confusion-matrix metrics ignore the order."""
+        teacher's MNIST-M accuracy from 46 to 32 %. Confusion-matrix metrics ignore the order.
+        Items of different sizes in one batch are a clear error (:func:`eval_collate`)."""
         return DataLoader(
             self.datasets[key],
             batch_size=batch_size,
@@ -164,6 +184,7 @@ class UDADataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
             generator=torch.Generator().manual_seed(mix_seed(self.seed, 99)),
+            collate_fn=eval_collate,
         )
 
     def _train_loader(self, key: str, batch_size: int, stream: int) -> ResumableLoader:

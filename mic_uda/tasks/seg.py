@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
@@ -197,12 +198,21 @@ class SegUDAModule(UDAModuleBase):
 
     # ----------------------------------------------------------------- evaluation
     def _eval_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        images, labels = batch["image"], batch["label"]
-        preds = {"student": self.student(images).argmax(1)}
-        if self.teacher is not None:
-            preds["teacher"] = self.teacher(images).argmax(1)
-        for name, p in preds.items():
-            self.val_confusion[name].update(p, labels)
+        """Scores against ``label_native`` when the split keeps it (``native_label``): the logits are
+        upsampled bilinearly (align_corners=False) to its size first, as the official test rescales
+        them to ``ori_shape``. Returns the predictions at the network's resolution (for the writers)."""
+        images, labels = batch["image"], batch.get("label_native", batch["label"])
+        preds = {}
+        for name, net in [("student", self.student), ("teacher", self.teacher)]:
+            if net is None:
+                continue
+            logits = net(images)
+            preds[name] = logits.argmax(1)
+            if logits.shape[-2:] != labels.shape[-2:]:
+                logits = F.interpolate(
+                    logits.float(), labels.shape[-2:], mode="bilinear", align_corners=False
+                )
+            self.val_confusion[name].update(logits.argmax(1), labels)
         return preds
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
