@@ -188,3 +188,22 @@ def test_named_miou_subsets_are_the_means_of_their_classes(make_cfg) -> None:
     assert metrics["test/student/mIoU2"] == pytest.approx(expected, abs=1e-4)
     with pytest.raises(Exception, match=r"data.miou_subsets.IoU2"):
         train(make_cfg(["method=source_only", "+data.miou_subsets={IoU2: [0]}"]))
+
+
+def test_dataset_configs_set_their_official_mic_mode_and_metrics(make_cfg) -> None:
+    for data in ("cs2acdc", "cs2darkzurich"):
+        mic = make_cfg(["method=mic", f"data={data}"], tiny=False).method.mic
+        assert (mic.images, mic.augment) == ("one_each", False)
+    assert make_cfg(["method=mic", "data=gta2cs"], tiny=False).method.mic.images == "target"
+    subsets = make_cfg(["data=synthia2cs"], tiny=False).task.module.miou_subsets
+    assert (
+        len(subsets.mIoU16) == 16 and len(subsets.mIoU13) == 13 and set(subsets.mIoU13) < set(subsets.mIoU16)
+    )
+    assert make_cfg(["data=synthia2cs_16"], tiny=False).task.module.miou_subsets is None
+
+
+def test_handover_default_is_the_tasks(make_cfg) -> None:
+    assert make_cfg([]).handover == "recalibrated"
+    assert make_cfg(["task=cls"]).handover == "recalibrated"
+    assert make_cfg(["task=det"]).handover == "student"
+    assert make_cfg(["task=det", "handover=recalibrated"]).handover == "recalibrated"
