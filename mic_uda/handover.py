@@ -24,15 +24,14 @@ import logging
 import lightning as L
 import torch
 
-from mic_uda.uda.bn import batchnorm_layers, reestimate_bn_statistics
+from mic_uda.uda.bn import batchnorm_layers, check_choice, reestimate_bn_statistics
 
 log = logging.getLogger("mic_uda")
 HANDOVER_CHOICES = ("recalibrated", "student")
 
 
 def check_handover(value: str) -> None:
-    if value not in HANDOVER_CHOICES:
-        raise ValueError(f"handover={value!r} is not one of {list(HANDOVER_CHOICES)}")
+    check_choice("handover", value, HANDOVER_CHOICES)
 
 
 def has_running_bn(net: torch.nn.Module | None) -> bool:

@@ -12,6 +12,9 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mic_uda.uda.augment import DRAW_CHOICES, SEMANTICS_CHOICES
+from mic_uda.uda.mixing import CLASSMIX_CLASSES
+
 
 @dataclass
 class TeacherConfig:
@@ -170,13 +173,13 @@ _CHOICES = {
     "teacher.bn": ("batch", "running"),
     "pseudo_label.weight_scope": ("image", "batch"),
     "pseudo_label.weight_type": ("fraction", "probability"),
-    "augment.draw": ("image", "batch", "run"),
-    "augment.semantics": ("torchvision", "kornia05"),
+    "augment.draw": DRAW_CHOICES,
+    "augment.semantics": SEMANTICS_CHOICES,
 }
 
 
 _TERM_CHOICES = {
-    "mix.classes": ("per_image", "batch_union"),
+    "mix.classes": CLASSMIX_CLASSES,
     "mic.images": ("target", "source", "one_each"),
     "mic.confidence_weight": ("none", "prob"),
 }

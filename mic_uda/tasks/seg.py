@@ -94,7 +94,7 @@ class SegUDAModule(UDAModuleBase):
                 raise ValueError(
                     "method.fd compares with the ImageNet encoder: it needs backbone.weights (a local file)"
                 )
-            self.fd.build_reference(self.student, self.pretrained_weights)  # resuming restores it too
+            self.fd.load_reference(self.pretrained_weights)  # resuming restores it too
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch: Mapping[str, Mapping[str, torch.Tensor]], batch_idx: int) -> None:
@@ -188,12 +188,12 @@ class SegUDAModule(UDAModuleBase):
             return x_t, pl, weight
         if mode == "source":
             return src["image"], src["label"], None
-        k = x_t.shape[0] // 2
-        ones = torch.ones_like(weight[:k])
+        k = x_t.shape[0] // 2  # source images; the other n target images
+        n = x_t.shape[0] - k
         return (
-            torch.cat([src["image"][:k], x_t[: x_t.shape[0] - k]]),
-            torch.cat([src["label"][:k], pl[: x_t.shape[0] - k]]),
-            torch.cat([ones, weight[: x_t.shape[0] - k]]),
+            torch.cat([src["image"][:k], x_t[:n]]),
+            torch.cat([src["label"][:k], pl[:n]]),
+            torch.cat([torch.ones_like(weight[:k]), weight[:n]]),
         )
 
     # ----------------------------------------------------------------- evaluation

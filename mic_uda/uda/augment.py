@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from mic_uda.uda.bn import check_choice
+
 DRAW_CHOICES = ("image", "batch", "run")
 SEMANTICS_CHOICES = ("torchvision", "kornia05")
 
@@ -77,12 +79,8 @@ class StrongAugment:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.draw not in DRAW_CHOICES:
-            raise ValueError(f"method.augment.draw={self.draw!r} is not one of {list(DRAW_CHOICES)}")
-        if self.semantics not in SEMANTICS_CHOICES:
-            raise ValueError(
-                f"method.augment.semantics={self.semantics!r} is not one of {list(SEMANTICS_CHOICES)}"
-            )
+        check_choice("method.augment.draw", self.draw, DRAW_CHOICES)
+        check_choice("method.augment.semantics", self.semantics, SEMANTICS_CHOICES)
 
     def run_coins(self) -> tuple[float, float]:
         """The (jitter, blur) coins of ``draw=run``: a function of the seed alone, so a resumed run

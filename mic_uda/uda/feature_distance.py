@@ -75,6 +75,7 @@ class ImageNetFeatureDistance(nn.Module):
         self.use_classes = thing_classes is not None
         self.register_buffer("thing_classes", classes, persistent=False)
         self.imagenet: nn.Module | None = None
+        self._memory_bytes = 0
 
     def build_reference(self, network: nn.Module, weights_file: str | None) -> None:
         """The frozen reference: a copy of the network (its head dropped) with the encoder loaded from
@@ -87,20 +88,25 @@ class ImageNetFeatureDistance(nn.Module):
         reference = copy.deepcopy(network)
         if hasattr(reference, "head"):
             reference.head = nn.Identity()  # only the encoder is used
-        if weights_file:
-            reference.load_encoder_weights(weights_file)
         self.imagenet = reference.requires_grad_(False).eval()
+        tensors = [*reference.parameters(), *reference.buffers()]
+        self._memory_bytes = sum(t.numel() * t.element_size() for t in tensors)
+        if weights_file:
+            self.load_reference(weights_file)
+
+    def load_reference(self, weights_file: str) -> None:
+        """(Re)load the reference encoder from the ImageNet file, in place (no second copy)."""
+        if self.imagenet is None:
+            raise RuntimeError("ImageNetFeatureDistance: build_reference() was not called")
+        self.imagenet.load_encoder_weights(weights_file)
 
     def train(self, mode: bool = True) -> ImageNetFeatureDistance:
         """The ImageNet copy is always in eval mode (BN statistics, no dropout/drop-path)."""
         return super().train(False)
 
     def memory_bytes(self) -> int:
-        """Parameters + buffers of the frozen copy: what FD adds to the model's memory."""
-        if self.imagenet is None:
-            return 0
-        tensors = [*self.imagenet.parameters(), *self.imagenet.buffers()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Parameters + buffers of the frozen copy: what FD adds to the model's memory (computed once)."""
+        return self._memory_bytes if self.imagenet is not None else 0
 
     def forward(self, images: Tensor, labels: Tensor, student_last: Tensor) -> tuple[Tensor, Tensor]:
         """``weight * FD`` on the last stage and the thing-cell mask; ``images`` in [0, 1]."""

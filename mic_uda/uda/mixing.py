@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from mic_uda.uda.bn import check_choice
+
 CLASSMIX_CLASSES = ("per_image", "batch_union")
 
 
@@ -24,8 +26,7 @@ def classmix_masks(
     not contain and pastes fewer of its own. ``include_ignore``: ``ignore_index`` counts as a class
     (the official code does not drop 255, so void pixels are sometimes pasted).
     """
-    if classes not in CLASSMIX_CLASSES:
-        raise ValueError(f"method.mix.classes={classes!r} is not one of {list(CLASSMIX_CLASSES)}")
+    check_choice("method.mix.classes", classes, CLASSMIX_CLASSES)
 
     def candidates(lbl: torch.Tensor) -> torch.Tensor:
         c = torch.unique(lbl)
