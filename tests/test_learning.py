@@ -4,7 +4,7 @@ generous floors, measured far above what an untrained network scores.
 
 Measured on this 2-core CPU (one thread): seg 150 steps 27.6 / 28.5 mIoU (seeds 0 / 1) vs 0.2-2.6
 after 3 steps; cls USPS -> MNIST-M 200 steps 28.2 % (chance 10 %); det 80 steps: the supervised loss
-2.37 -> 0.78."""
+2.37 -> 0.78 (its mAP50 is too small and thread-dependent to be a floor)."""
 
 from __future__ import annotations
 
@@ -65,4 +65,6 @@ def test_det_source_only_fits_the_embedded_boxes(make_cfg) -> None:
         losses = [float(r["train/loss_sup"]) for r in csv.DictReader(f) if r.get("train/loss_sup")]
     first, last = losses[0], sum(losses[-10:]) / 10
     assert last < 0.5 * first, (first, last)
-    assert metrics["test/mAP50"] > 0.0
+    # mAP50 after 80 steps on the embedded boxes is ~0-2 and depends on the thread count (0.0 with 1
+    # thread at 160 steps, 1.7 at 80): no learning floor there; the evaluation must still run
+    assert 0.0 <= metrics["test/mAP50"] <= 100.0
