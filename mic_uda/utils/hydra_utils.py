@@ -16,8 +16,16 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("mic_uda")
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = PROJECT_ROOT / "conf"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+# the configs ship inside the package (an installed wheel has them); a source checkout is recognised by
+# its pyproject.toml next to the package, so run folders and data default to the checkout there
+CONFIG_DIR = PACKAGE_DIR / "conf"
+PROJECT_ROOT = PACKAGE_DIR.parent if (PACKAGE_DIR.parent / "pyproject.toml").is_file() else None
+
+
+def project_root() -> str:
+    """The checkout for an editable/source install, else the working directory (an installed wheel)."""
+    return str(PROJECT_ROOT) if PROJECT_ROOT is not None else str(Path.cwd())
 
 
 def package_file(package: str, relative: str) -> str:
@@ -40,11 +48,11 @@ def first_set(*values: Any) -> Any:
 
 
 def register_resolvers() -> None:
-    """``${mic_uda_root:}`` = the project checkout, so default paths work from any working dir;
+    """``${mic_uda_root:}`` = the project checkout (the working directory for an installed wheel);
     ``${mic_uda_package_file:pkg,relative/path}`` = a file inside an installed package;
     ``${mic_uda_first:a,b}`` = the first of its arguments that is set."""
     if not OmegaConf.has_resolver("mic_uda_root"):
-        OmegaConf.register_new_resolver("mic_uda_root", lambda: str(PROJECT_ROOT))
+        OmegaConf.register_new_resolver("mic_uda_root", project_root)
     if not OmegaConf.has_resolver("mic_uda_package_file"):
         OmegaConf.register_new_resolver("mic_uda_package_file", package_file)
     if not OmegaConf.has_resolver("mic_uda_first"):
