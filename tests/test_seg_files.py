@@ -168,3 +168,48 @@ def test_native_label_is_for_evaluation_splits(tmp_path: Path) -> None:
     assert s["image"].shape == (3, 12, 16) and s["label"].shape == (12, 16)
     assert s["label_native"].shape == (24, 32)
     assert "label_native" not in GTA5(tmp_path, resize=(16, 12), crop_size=None)[0]
+
+
+def _folder(tmp_path: Path, h: int, w: int) -> None:
+    ids = np.arange(h * w, dtype=np.int64).reshape(h, w) % 3
+    _write(tmp_path / "images" / "a.png", _rgb(h, w))
+    _write(tmp_path / "labels" / "a.png", ids.astype(np.uint8))
+
+
+def test_rectangular_crop_pads_like_mmseg_and_margins_follow_the_crop(tmp_path: Path) -> None:
+    """A 20x16 crop of a 12x32 frame: the height is padded (image = pad colour, label 255, valid 0);
+    the pseudo-label margins are cut from the uncropped frame, so they move with the crop."""
+    _folder(tmp_path, 12, 32)
+    ds = FolderSegDataset(
+        tmp_path, num_classes=3, crop_size=[20, 16], pad_crop=True, pseudo_margins=[2, 3, 1, 4]
+    )
+    torch.manual_seed(0)
+    s = ds[0]
+    assert (
+        s["image"].shape == (3, 20, 16) and s["label"].shape == (20, 16) and s["valid_mask"].shape == (20, 16)
+    )
+    pad = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    assert torch.equal(s["image"][:, 12:], pad.expand(3, 8, 16)) and (s["label"][12:] == 255).all()
+    assert (s["valid_mask"][12:] == 0).all()
+    # recover the crop's left offset from the (random, unique) image
+    full = FolderSegDataset(tmp_path, num_classes=3, crop_size=None)[0]
+    left = next(x for x in range(17) if torch.equal(full["image"][:, :, x : x + 16], s["image"][:, :12]))
+    expected = torch.zeros(12, 32)
+    expected[2 : 12 - 3, 1 : 32 - 4] = 1
+    assert torch.equal(s["valid_mask"][:12], expected[:, left : left + 16])
+    with pytest.raises(ValueError, match="pad_crop=true pads it"):
+        FolderSegDataset(tmp_path, num_classes=3, crop_size=[20, 16])[0]
+    with pytest.raises(ValueError, match="pseudo_margins"):
+        FolderSegDataset(tmp_path, num_classes=3, pseudo_margins=[1, 2])
+
+
+def test_margins_flip_with_the_image(tmp_path: Path) -> None:
+    _folder(tmp_path, 8, 8)
+    ds = FolderSegDataset(tmp_path, num_classes=3, crop_size=8, hflip=True, pseudo_margins=[0, 0, 3, 0])
+    seen = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        v = ds[0]["valid_mask"]
+        seen.add(int(v[0, :3].sum()))  # left margin where not flipped, moved right when flipped
+        assert v.sum() == 8 * 5
+    assert seen == {0, 3}

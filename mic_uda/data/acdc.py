@@ -27,12 +27,14 @@ class ACDC(PairedSegDataset):
         conditions: Sequence[str] = ACDC_CONDITIONS,
         with_labels: bool = True,
         resize: Sequence[int] | None = (960, 540),
-        crop_size: int | None = 512,
+        crop_size: int | Sequence[int] | None = 512,
         hflip: bool = False,
         cat_max_ratio: float = 1.0,
         class_subset: Sequence[int] | None = None,
         keep_ratio: bool = False,
         native_label: bool = False,
+        pad_crop: bool = False,
+        pseudo_margins: Sequence[int] | None = None,
     ) -> None:
         root, conditions = Path(root), [conditions] if isinstance(conditions, str) else list(conditions)
         unknown = [c for c in conditions if c not in ACDC_CONDITIONS]
@@ -72,4 +74,6 @@ class ACDC(PairedSegDataset):
             class_subset,
             keep_ratio=keep_ratio,
             native_label=native_label,
+            pad_crop=pad_crop,
+            pseudo_margins=pseudo_margins,
         )

@@ -60,12 +60,14 @@ class BDD100K(PairedSegDataset):
         split_file: str | None = None,
         with_labels: bool = True,
         resize: Sequence[int] | None = (1280, 720),
-        crop_size: int | None = 512,
+        crop_size: int | Sequence[int] | None = 512,
         hflip: bool = False,
         cat_max_ratio: float = 1.0,
         class_subset: Sequence[int] | None = None,
         keep_ratio: bool = False,
         native_label: bool = False,
+        pad_crop: bool = False,
+        pseudo_margins: Sequence[int] | None = None,
     ) -> None:
         root = Path(root)
         img_dir = require_dir(root / "images" / "10k" / split, "BDD100K", BDD100K_LAYOUT)
@@ -121,4 +123,6 @@ class BDD100K(PairedSegDataset):
             class_subset,
             keep_ratio=keep_ratio,
             native_label=native_label,
+            pad_crop=pad_crop,
+            pseudo_margins=pseudo_margins,
         )

@@ -28,12 +28,14 @@ class DarkZurich(PairedSegDataset):
         time_of_day: str = "night",
         with_labels: bool = True,
         resize: Sequence[int] | None = (960, 540),
-        crop_size: int | None = 512,
+        crop_size: int | Sequence[int] | None = 512,
         hflip: bool = False,
         cat_max_ratio: float = 1.0,
         class_subset: Sequence[int] | None = None,
         keep_ratio: bool = False,
         native_label: bool = False,
+        pad_crop: bool = False,
+        pseudo_margins: Sequence[int] | None = None,
     ) -> None:
         root = Path(root)
         if time_of_day not in DARK_ZURICH_TIMES:
@@ -62,4 +64,6 @@ class DarkZurich(PairedSegDataset):
             class_subset,
             keep_ratio=keep_ratio,
             native_label=native_label,
+            pad_crop=pad_crop,
+            pseudo_margins=pseudo_margins,
         )

@@ -57,7 +57,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from mic_uda.data.seg_files import IGNORE, PairedSegDataset, apply_crop
+from mic_uda.data.seg_files import IGNORE, PairedSegDataset
 
 log = logging.getLogger(__name__)
 STATS_VERSION = 1
@@ -290,12 +290,12 @@ class RareClassSampling(Dataset):
     ) -> tuple[int, int]:
         """(top, left) of the crop: the pipeline's crop (with its ``cat_max_ratio`` re-draws), re-drawn up
         to ``max_crop_redraws`` times until it holds more than ``threshold`` pixels of ``c``."""
-        g, size = self._generator(), self.dataset.crop_size
+        g, size = self._generator(), self.dataset.crop_hw
         assert size is not None
         top, left = self.dataset.draw_crop(image, label, g)
         if threshold > 0:
             for _ in range(self.cfg.max_crop_redraws):
-                if (label[top : top + size, left : left + size] == c).sum().item() > threshold:
+                if (label[top : top + size[0], left : left + size[1]] == c).sum().item() > threshold:
                     break
                 top, left = self.dataset.draw_crop(image, label, g)
         return top, left
@@ -305,10 +305,7 @@ class RareClassSampling(Dataset):
         g = self._generator()
         image, label = self.dataset.load(i)
         assert label is not None
-        size = self.dataset.crop_size
-        if size is not None:
+        top, left = 0, 0
+        if self.dataset.crop_hw is not None:
             top, left = self.crop_for_class(c, image, label, self.crop_threshold(i))
-            image, label = apply_crop(image, label, top, left, size)
-        if self.dataset.hflip and torch.rand((), generator=g) < 0.5:
-            image, label = image.flip(-1), label.flip(-1)
-        return {"image": image.contiguous(), "label": label.contiguous(), "index": i}
+        return {**self.dataset.finish(image, label, top, left, g), "index": i}

@@ -101,7 +101,15 @@ class PairedSegDataset(Dataset):
     ``resize``: (width, height), applied first. ``keep_ratio=false`` resizes to exactly that size;
     ``keep_ratio=true`` rescales by one factor as mmseg's ``Resize(img_scale, keep_ratio=True)`` (the
     papers' pipelines; see :meth:`resized_size`): GTA 1914x1052 with (1280, 720) -> 1280x704.
-    ``crop_size``: random square crop of that side (training); ``hflip``: random horizontal flip.
+    ``crop_size``: random crop, a side (square) or ``[height, width]`` (training); ``hflip``: random
+    horizontal flip. ``pad_crop``: an image smaller than the crop is cropped to what it has and padded
+    to the crop size (image ``pad_value``, label 255), as mmseg's ``RandomCrop`` + ``Pad(size=crop_size,
+    pad_val=0, seg_pad_val=255)`` (its pad is 0 after Normalize, i.e. the ImageNet mean colour here,
+    where images stay in [0, 1]); without it such an image is an error. ``pseudo_margins`` (target
+    splits): ``[top, bottom, left, right]`` pixels of the resized image where pseudo-labels are not
+    trusted; items carry ``valid_mask`` (1 inside, 0 in the margins and the padding), cropped and
+    flipped with the image, so the margins hit only crops at the periphery of the frame (HRDA's
+    ``crop_pseudo_margins``, applied before cropping).
     ``cat_max_ratio`` < 1 re-draws a crop (up to 10 times) while one class covers that share or more
     of its labelled pixels (mmseg's ``RandomCrop``, 0.75 in the papers' source pipelines; see
     :meth:`draw_crop`). ``class_subset`` keeps only these train ids, renumbered 0..k-1 in that order
@@ -126,13 +134,16 @@ class PairedSegDataset(Dataset):
         num_classes: int,
         label_mapping: Mapping[int, int] | None = None,
         resize: Sequence[int] | None = None,
-        crop_size: int | None = None,
+        crop_size: int | Sequence[int] | None = None,
         hflip: bool = False,
         name: str = "dataset",
         cat_max_ratio: float = 1.0,
         class_subset: Sequence[int] | None = None,
         keep_ratio: bool = False,
         native_label: bool = False,
+        pad_crop: bool = False,
+        pad_value: Sequence[float] = (0.485, 0.456, 0.406),
+        pseudo_margins: Sequence[int] | None = None,
     ) -> None:
         if len(pairs) == 0:
             raise ValueError(f"{name}: no images found")
@@ -147,6 +158,13 @@ class PairedSegDataset(Dataset):
             raise ValueError(f"{name}: resize {list(self.resize)}: expected [width, height] > 0")
         self.crop_size, self.hflip, self.cat_max_ratio = crop_size, hflip, cat_max_ratio
         self.keep_ratio, self.native_label = bool(keep_ratio), bool(native_label)
+        self.crop_hw = crop_hw(crop_size, name)
+        self.pad_crop = bool(pad_crop)
+        self.pad_value = torch.tensor([float(v) for v in pad_value]).view(-1, 1, 1)
+        margins = None if pseudo_margins is None else tuple(int(m) for m in pseudo_margins)
+        if margins is not None and (len(margins) != 4 or min(margins) < 0):
+            raise ValueError(f"{name}: pseudo_margins {list(margins)}: expected [top, bottom, left, right]")
+        self.pseudo_margins = margins
         if self.native_label and (crop_size is not None or hflip):
             raise ValueError(
                 f"{name}: native_label=true is for evaluation splits: it needs crop_size=null and "
@@ -247,59 +265,122 @@ class PairedSegDataset(Dataset):
         with ``cat_max_ratio`` < 1 and a label, up to 10 re-draws while the crop holds fewer than two
         labelled classes or its largest class covers ``cat_max_ratio`` or more of its labelled pixels
         (255 excluded); the 10th re-draw is kept unchecked (at most 11 draws)."""
-        assert self.crop_size is not None
-        top, left = crop_offsets(image, self.crop_size, generator)
+        assert self.crop_hw is not None
+        top, left = crop_offsets(image, self.crop_hw, generator, self.pad_crop)
         if label is not None and self.cat_max_ratio < 1.0:
             for _ in range(10):
-                if not _one_class_dominates(label, top, left, self.crop_size, self.cat_max_ratio):
+                if not _one_class_dominates(label, top, left, self.crop_hw, self.cat_max_ratio):
                     break
-                top, left = crop_offsets(image, self.crop_size, generator)
+                top, left = crop_offsets(image, self.crop_hw, generator, self.pad_crop)
         return top, left
 
-    def augment(
-        self, image: torch.Tensor, label: torch.Tensor | None, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The training crop (with the ``cat_max_ratio`` re-draw) and the random flip."""
-        if self.crop_size is not None:
-            top, left = self.draw_crop(image, label, generator)
-            image, label = apply_crop(image, label, top, left, self.crop_size)
+    def valid_mask(self, image: torch.Tensor) -> torch.Tensor | None:
+        """1 where pseudo-labels count, 0 in ``pseudo_margins`` (of the resized, uncropped image)."""
+        if self.pseudo_margins is None:
+            return None
+        top, bottom, left, right = self.pseudo_margins
+        h, w = image.shape[-2:]
+        mask = torch.zeros(h, w)
+        mask[top : h - bottom, left : w - right] = 1.0
+        return mask
+
+    def finish(
+        self,
+        image: torch.Tensor,
+        label: torch.Tensor | None,
+        top: int,
+        left: int,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Crop at (top, left), the random flip and the padding of a resized training pair, with its
+        ``valid_mask`` (the one place every training crop goes through, rare class sampling too)."""
+        valid = self.valid_mask(image)
+        if self.crop_hw is not None:
+            image, label = apply_crop(image, label, top, left, self.crop_hw)
+            if valid is not None:
+                valid = apply_crop(valid[None], None, top, left, self.crop_hw)[0][0]
         if self.hflip and torch.rand((), generator=generator) < 0.5:
             image = image.flip(-1)
             label = label.flip(-1) if label is not None else None
-        return image, label
+            valid = valid.flip(-1) if valid is not None else None
+        if self.crop_hw is not None and tuple(image.shape[-2:]) != self.crop_hw:  # pad_crop (checked)
+            image, label, valid = pad_to(image, label, valid, self.crop_hw, self.pad_value)
+        out = {"image": image.contiguous()}
+        if label is not None:
+            out["label"] = label.contiguous()
+        if valid is not None:
+            out["valid_mask"] = valid.contiguous()
+        return out
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
-        native: torch.Tensor | None = None
         if self.native_label:
             image, native = self.read(i)
             image, label = self.resize_pair(image, native)  # no crop, no flip (checked in __init__)
-        else:
-            image, label = self.augment(*self.load(i))
-        out: dict[str, torch.Tensor | int] = {"image": image.contiguous(), "index": i}
-        if label is not None:
-            out["label"] = label.contiguous()
-        if native is not None:
-            out["label_native"] = native.contiguous()
-        return out
+            out: dict[str, torch.Tensor | int] = {"image": image.contiguous(), "index": i}
+            if label is not None:
+                out["label"], out["label_native"] = label.contiguous(), native.contiguous()
+            return out
+        image, label = self.load(i)
+        top, left = self.draw_crop(image, label) if self.crop_hw is not None else (0, 0)
+        return {**self.finish(image, label, top, left), "index": i}
 
 
-def crop_offsets(image: torch.Tensor, size: int, generator: torch.Generator | None = None) -> tuple[int, int]:
-    """A uniformly random (top, left) of a ``size`` x ``size`` crop inside ``image`` (..., H, W)."""
+def crop_hw(crop_size: int | Sequence[int] | None, name: str = "dataset") -> tuple[int, int] | None:
+    """``crop_size`` (a side or ``[height, width]``) as (height, width)."""
+    if crop_size is None:
+        return None
+    hw = (int(crop_size), int(crop_size)) if isinstance(crop_size, (int, float)) else tuple(crop_size)
+    if len(hw) != 2 or min(hw) <= 0:
+        raise ValueError(f"{name}: crop_size {crop_size}: expected a side or [height, width] > 0")
+    return int(hw[0]), int(hw[1])
+
+
+def crop_offsets(
+    image: torch.Tensor,
+    size: int | Sequence[int],
+    generator: torch.Generator | None = None,
+    allow_smaller: bool = False,
+) -> tuple[int, int]:
+    """A uniformly random (top, left) of a ``size`` crop inside ``image`` (..., H, W); a side the
+    image lacks is an error, or (``allow_smaller``, mmseg's RandomCrop) offset 0 on it."""
+    ch, cw = crop_hw(size)
     h, w = image.shape[-2:]
-    if h < size or w < size:
-        raise ValueError(f"crop_size {size} is larger than the (resized) image {h}x{w}")
-    top = int(torch.randint(0, h - size + 1, (), generator=generator))
-    left = int(torch.randint(0, w - size + 1, (), generator=generator))
+    if (h < ch or w < cw) and not allow_smaller:
+        raise ValueError(
+            f"crop_size {ch}x{cw} is larger than the (resized) image {h}x{w} (pad_crop=true pads it)"
+        )
+    top = int(torch.randint(0, max(h - ch, 0) + 1, (), generator=generator))
+    left = int(torch.randint(0, max(w - cw, 0) + 1, (), generator=generator))
     return top, left
 
 
 def apply_crop(
-    image: torch.Tensor, label: torch.Tensor | None, top: int, left: int, size: int
+    image: torch.Tensor, label: torch.Tensor | None, top: int, left: int, size: int | Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    image = image[..., top : top + size, left : left + size]
+    ch, cw = crop_hw(size)
+    image = image[..., top : top + ch, left : left + cw]
     if label is not None:
-        label = label[top : top + size, left : left + size]
+        label = label[top : top + ch, left : left + cw]
     return image, label
+
+
+def pad_to(
+    image: torch.Tensor,
+    label: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    size: tuple[int, int],
+    pad_value: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Pad bottom/right to ``size`` (mmseg's ``Pad``): image ``pad_value``, label 255, valid mask 0."""
+    h, w = image.shape[-2:]
+    ph, pw = max(size[0] - h, 0), max(size[1] - w, 0)
+    canvas = pad_value.to(image.dtype).expand(image.shape[0], h + ph, w + pw).clone()
+    canvas[:, :h, :w] = image
+    if label is not None:
+        label = F.pad(label, (0, pw, 0, ph), value=IGNORE)
+    if valid is not None:
+        valid = F.pad(valid, (0, pw, 0, ph), value=0.0)
+    return canvas, label, valid
 
 
 def random_crop(
@@ -308,8 +389,11 @@ def random_crop(
     return apply_crop(image, label, *crop_offsets(image, size, generator), size)
 
 
-def _one_class_dominates(label: torch.Tensor, top: int, left: int, size: int, ratio: float) -> bool:
-    crop = label[top : top + size, left : left + size]
+def _one_class_dominates(
+    label: torch.Tensor, top: int, left: int, size: int | Sequence[int], ratio: float
+) -> bool:
+    ch, cw = crop_hw(size)
+    crop = label[top : top + ch, left : left + cw]
     counts = torch.bincount(crop[crop != IGNORE].flatten())
     counts = counts[counts > 0]
     return not (counts.numel() > 1 and counts.max().item() / counts.sum().item() < ratio)
@@ -379,12 +463,14 @@ class GTA5(PairedSegDataset):
         root: str | Path,
         with_labels: bool = True,
         resize: Sequence[int] | None = (1280, 720),
-        crop_size: int | None = 512,
+        crop_size: int | Sequence[int] | None = 512,
         hflip: bool = False,
         cat_max_ratio: float = 1.0,
         class_subset: Sequence[int] | None = None,
         keep_ratio: bool = True,
         native_label: bool = False,
+        pad_crop: bool = False,
+        pseudo_margins: Sequence[int] | None = None,
     ) -> None:
         root = Path(root)
         img_dir = require_dir(root / "images", "GTA5", GTA5_LAYOUT)
@@ -403,6 +489,8 @@ class GTA5(PairedSegDataset):
             class_subset,
             keep_ratio=keep_ratio,
             native_label=native_label,
+            pad_crop=pad_crop,
+            pseudo_margins=pseudo_margins,
         )
 
 
@@ -422,12 +510,14 @@ class Cityscapes(PairedSegDataset):
         split: str = "train",
         with_labels: bool = True,
         resize: Sequence[int] | None = (1024, 512),
-        crop_size: int | None = 512,
+        crop_size: int | Sequence[int] | None = 512,
         hflip: bool = False,
         cat_max_ratio: float = 1.0,
         class_subset: Sequence[int] | None = None,
         keep_ratio: bool = False,
         native_label: bool = False,
+        pad_crop: bool = False,
+        pseudo_margins: Sequence[int] | None = None,
     ) -> None:
         root = Path(root)
         img_dir = require_dir(root / "leftImg8bit" / split, "Cityscapes", CITYSCAPES_LAYOUT)
@@ -455,6 +545,8 @@ class Cityscapes(PairedSegDataset):
             class_subset,
             keep_ratio=keep_ratio,
             native_label=native_label,
+            pad_crop=pad_crop,
+            pseudo_margins=pseudo_margins,
         )
 
 
@@ -479,13 +571,15 @@ class FolderSegDataset(PairedSegDataset):
         with_labels: bool = True,
         label_mapping: Mapping[int, int] | None = None,
         resize: Sequence[int] | None = None,
-        crop_size: int | None = None,
+        crop_size: int | Sequence[int] | None = None,
         hflip: bool = False,
         name: str = "folder",
         cat_max_ratio: float = 1.0,
         class_subset: Sequence[int] | None = None,
         keep_ratio: bool = False,
         native_label: bool = False,
+        pad_crop: bool = False,
+        pseudo_margins: Sequence[int] | None = None,
     ) -> None:
         root = Path(root)
         layout = f"<root>/{image_dir}/<stem>.<jpg|png>, <root>/{label_dir}/<stem>{label_suffix}" + (
@@ -515,6 +609,8 @@ class FolderSegDataset(PairedSegDataset):
             class_subset,
             keep_ratio=keep_ratio,
             native_label=native_label,
+            pad_crop=pad_crop,
+            pseudo_margins=pseudo_margins,
         )
 
     @staticmethod

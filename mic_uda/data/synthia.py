@@ -68,12 +68,14 @@ class SYNTHIA(PairedSegDataset):
         root: str | Path,
         with_labels: bool = True,
         resize: Sequence[int] | None = (1280, 760),
-        crop_size: int | None = 512,
+        crop_size: int | Sequence[int] | None = 512,
         hflip: bool = False,
         cat_max_ratio: float = 1.0,
         class_subset: Sequence[int] | None = None,
         keep_ratio: bool = False,
         native_label: bool = False,
+        pad_crop: bool = False,
+        pseudo_margins: Sequence[int] | None = None,
     ) -> None:
         root = Path(root)
         images = sorted_glob(
@@ -98,6 +100,8 @@ class SYNTHIA(PairedSegDataset):
             class_subset,
             keep_ratio=keep_ratio,
             native_label=native_label,
+            pad_crop=pad_crop,
+            pseudo_margins=pseudo_margins,
         )
 
     def read_ids(self, path: Path) -> torch.Tensor:
