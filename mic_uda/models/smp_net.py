@@ -12,12 +12,13 @@ from typing import Any
 
 import segmentation_models_pytorch as smp
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mic_uda.models.daformer import IMAGENET_MEAN, IMAGENET_STD, load_encoder_weights_into
+from mic_uda.models.seg_base import SegNetwork
 
 
-class SmpSegNet(nn.Module):
+class SmpSegNet(SegNetwork):
     """``smp.create_model(arch, encoder_name, encoder_weights=None, classes=num_classes, **kwargs)``.
 
     Parameter names are ``model.encoder.*``, ``model.decoder.*``, ``model.segmentation_head.*``: use

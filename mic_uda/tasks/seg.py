@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from mic_uda.models.seg_base import SegNetwork
 from mic_uda.tasks.base import UDAModuleBase
 from mic_uda.uda.bn import frozen_bn_statistics
 from mic_uda.uda.feature_distance import ImageNetFeatureDistance
-from mic_uda.uda.losses import weighted_cross_entropy
 from mic_uda.uda.masking import apply_mask, block_mask
 from mic_uda.uda.mixing import classmix_masks, mix
 from mic_uda.uda.pseudo_label import confidence_weight, pseudo_label_from_logits
@@ -72,6 +72,11 @@ class SegUDAModule(UDAModuleBase):
                     f"data.miou_subsets.{key}: expected a name starting with 'mIoU' and class ids in "
                     f"[0, {num_classes}), got {ids}"
                 )
+        if not isinstance(self.student, SegNetwork):
+            raise TypeError(
+                f"backbone._target_ builds a {type(self.student).__name__}: a segmentation network must "
+                "subclass mic_uda.models.seg_base.SegNetwork (forward, predict, train_loss)"
+            )
         self.val_confusion = nn.ModuleDict(
             {
                 name: MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index)
@@ -104,14 +109,18 @@ class SegUDAModule(UDAModuleBase):
         sup = tgt if m.needs_target_labels else src
         logs: dict[str, torch.Tensor] = {}
 
-        if self.fd is None:
-            logits = self.student(sup["image"])
-        else:  # FD reads the supervised pass's own last-stage features
-            logits, features = self.student.forward_with_features(sup["image"])
-        loss = weighted_cross_entropy(logits, sup["label"], ignore_index=self.ignore_index)
+        # the network answers for its own loss (HRDA: its multi-resolution loss) and, for FD, for
+        # the features of that very pass (HRDA: the low-resolution context)
+        views = self.fd is not None
+        out = self.student.train_loss(
+            sup["image"], sup["label"], ignore_index=self.ignore_index, generator=g, with_views=views
+        )
+        loss = out.loss
         logs["train/loss_sup"] = loss.detach()
+        logs.update(out.logs)
         if self.fd is not None:
-            fd, fd_mask = self.fd(sup["image"], sup["label"], features[-1])
+            context = out.views["context"]
+            fd, fd_mask = self.fd(context.image, context.labels, context.stages[-1])
             logs["train/loss_fd"] = fd.detach()
             logs["train/fd_cells"] = fd_mask.float().mean() if fd_mask is not None else torch.tensor(1.0)
             logs["train/fd_memory_mb"] = torch.tensor(self.fd.memory_bytes() / 2**20)
@@ -126,6 +135,8 @@ class SegUDAModule(UDAModuleBase):
             weight = confidence_weight(
                 conf, pc.threshold, pc.weight_scope, pc.ignore_top, pc.ignore_bottom, pc.weight_type
             )
+            if "valid_mask" in tgt:  # pseudo-label margins of the uncropped frame (data.pseudo_margins)
+                weight = weight * tgt["valid_mask"].to(weight)
             logs["train/pseudo_weight"] = weight.mean()
             # label-free health check: the share of each class in the pseudo-labels (a class that
             # never appears cannot be learned by self-training; a collapsing class shows here first)
@@ -153,7 +164,7 @@ class SegUDAModule(UDAModuleBase):
         x_m = self.augment(mix(mask, src["image"], x_t), g)
         y_m = mix(mask, src["label"], pl)
         w_m = mix(mask, torch.ones_like(weight), weight)
-        loss = self.method.mix.weight * weighted_cross_entropy(self.student(x_m), y_m, w_m, self.ignore_index)
+        loss = self.method.mix.weight * self._network_loss(x_m, y_m, w_m, g)
         self.manual_backward(loss)
         return loss.detach()
 
@@ -174,9 +185,16 @@ class SegUDAModule(UDAModuleBase):
         if mc.augment:
             images = self.augment(images, g)
         x_k = apply_mask(images, keep, self.mask_fill())
-        loss = mc.weight * weighted_cross_entropy(self.student(x_k), labels, weights, self.ignore_index)
+        loss = mc.weight * self._network_loss(x_k, labels, weights, g)
         self.manual_backward(loss)
         return loss.detach()
+
+    def _network_loss(
+        self, images: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None, g: torch.Generator
+    ) -> torch.Tensor:
+        """The student's own training loss for (images, labels, weight): every term goes through here."""
+        out = self.student.train_loss(images, labels, weight, ignore_index=self.ignore_index, generator=g)
+        return out.loss
 
     def _mic_inputs(
         self, src: Mapping[str, torch.Tensor], x_t: torch.Tensor, pl: torch.Tensor, weight: torch.Tensor
@@ -206,7 +224,7 @@ class SegUDAModule(UDAModuleBase):
         for name, net in [("student", self.student), ("teacher", self.teacher)]:
             if net is None:
                 continue
-            logits = net(images)
+            logits = net.predict(images)
             preds[name] = logits.argmax(1)
             if logits.shape[-2:] != labels.shape[-2:]:
                 logits = F.interpolate(

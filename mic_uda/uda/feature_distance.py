@@ -79,7 +79,9 @@ class ImageNetFeatureDistance(nn.Module):
 
     def build_reference(self, network: nn.Module, weights_file: str | None) -> None:
         """The frozen reference: a copy of the network (its head dropped) with the encoder loaded from
-        the ImageNet ``weights_file``, whatever the student holds (e.g. after ``init_from``)."""
+        the ImageNet ``weights_file``, whatever the student holds (e.g. after ``init_from``). A network
+        that wraps another (HRDA) names the encoder's owner in ``feature_network``."""
+        network = getattr(network, "feature_network", network)
         if not hasattr(network, "forward_features") or not hasattr(network, "load_encoder_weights"):
             raise ValueError(
                 f"method.fd needs a network with forward_features/load_encoder_weights (DAFormerNet, e.g. "
