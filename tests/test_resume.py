@@ -104,6 +104,32 @@ def test_seg_resume_after_kills_is_exact(make_cfg, tmp_path: Path, monkeypatch: 
     assert_same_end(ref, resumed, tmp_path / "ref", out)
 
 
+def test_hrda_mic_resume_after_a_kill_is_exact(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HRDA draws its detail crops from the module's generator: a resumed run draws the same ones."""
+    hrda = [
+        *SEG[:2],
+        "trainer.max_steps=5",
+        "trainer.val_check_interval=5",
+        "callbacks.model_checkpoint.every_n_train_steps=1",
+        "backbone=hrda_mit_b0",
+        "data.size=64",
+        "data.mask_block_size=8",
+        "backbone.hr_crop_size=[32,32]",
+        "backbone.attention_embed_dim=16",
+        "backbone.test_crop_size=[64,64]",
+        "backbone.test_stride=[32,32]",
+    ]
+    ref = run(make_cfg, tmp_path / "ref", hrda, monkeypatch)
+    out = tmp_path / "killed"
+    with pytest.raises(SimulatedKill):
+        run(make_cfg, out, hrda, monkeypatch, kill_at=3)
+    resumed = run(make_cfg, out, [*hrda, "ckpt_path=last"], monkeypatch)
+    assert any("attention_head" in k for k in final_state(out)["state_dict"])
+    assert_same_end(ref, resumed, tmp_path / "ref", out)
+
+
 # 16 source / 12 target images in batches of 4 (4 and 3 per pass); SDAT (CDAN, MCC, SAM) + MIC.
 CLS = [
     "task=cls",

@@ -92,15 +92,25 @@ class DAFormerHead(nn.Module):
         embed_dim: int = 256,
         dilations: Sequence[int] = (1, 6, 12, 18),
         dropout: float = 0.1,
+        fusion: str = "aspp",
     ) -> None:
+        """``fusion``: "aspp" (DAFormer's separable ASPP) or "conv1x1" (one 1x1 conv + BN + ReLU: the
+        head of HRDA's scale attention, which replaces the ASPP fusion so; HRDA hrda_head.py:49-56)."""
         super().__init__()
+        if fusion not in ("aspp", "conv1x1"):
+            raise ValueError(f"DAFormerHead fusion={fusion!r}: expected 'aspp' or 'conv1x1'")
         self.in_channels = tuple(int(c) for c in in_channels)
         self.num_classes = int(num_classes)
         self.embed_dim = int(embed_dim)
         # 'mlp' embedding of the official config: a per-pixel Linear (no norm/act) == a 1x1 conv with bias,
         # which avoids the flatten/transpose round trip.
         self.embed = nn.ModuleList(nn.Conv2d(c, self.embed_dim, 1) for c in self.in_channels)
-        self.fusion = SepASPPFusion(len(self.in_channels) * self.embed_dim, self.embed_dim, dilations)
+        fused_in = len(self.in_channels) * self.embed_dim
+        self.fusion: nn.Module = (
+            SepASPPFusion(fused_in, self.embed_dim, dilations)
+            if fusion == "aspp"
+            else _conv_bn_relu(fused_in, self.embed_dim, 1)
+        )
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.classifier = nn.Conv2d(self.embed_dim, self.num_classes, 1)
         self._init_weights()
@@ -154,6 +164,7 @@ class DAFormerNet(EncoderHeadSegNet):
         super().__init__(mean, std)
         self.encoder_name = encoder_name
         self.num_classes = int(num_classes)
+        self.dilations, self.dropout = tuple(int(d) for d in dilations), float(dropout)
         # weights=None: never download; ImageNet weights come from load_encoder_weights().
         self.encoder = smp.encoders.get_encoder(encoder_name, in_channels=3, depth=5, weights=None)
         # smp encoders return [input, stride 2 (0-channel dummy for MiT), s4, s8, s16, s32]; keep the last 4.
@@ -163,6 +174,19 @@ class DAFormerNet(EncoderHeadSegNet):
     def stage_features(self, x: Tensor) -> list[Tensor]:
         """The 4 stage features (strides 4, 8, 16, 32) of a normalised image."""
         return list(self.encoder(x)[-4:])
+
+    def make_head(
+        self, out_channels: int, attention: bool = False, embed_dim: int | None = None
+    ) -> nn.Module:
+        """A DAFormer head on these stages; ``attention``: HRDA's scale attention (1x1 fusion)."""
+        return DAFormerHead(
+            self.feature_channels,
+            out_channels,
+            embed_dim or self.head.embed_dim,
+            self.dilations,
+            self.dropout,
+            fusion="conv1x1" if attention else "aspp",
+        )
 
     def load_encoder_weights(self, path: str | os.PathLike) -> None:
         """Load an ImageNet encoder checkpoint from a local file; never downloads.

@@ -74,7 +74,14 @@ class DeepLabV2Net(EncoderHeadSegNet):
             self.encoder_name, pretrained=False, features_only=True, output_stride=8, out_indices=(1, 2, 3, 4)
         )
         self.feature_channels: tuple[int, ...] = tuple(self.encoder.feature_info.channels())
-        self.head = SummedASPP(self.feature_channels[-1], num_classes, dilations)
+        self.dilations = tuple(int(d) for d in dilations)
+        self.head = SummedASPP(self.feature_channels[-1], num_classes, self.dilations)
+
+    def make_head(
+        self, out_channels: int, attention: bool = False, embed_dim: int | None = None
+    ) -> nn.Module:
+        """A summed ASPP on layer4 (HRDA's DeepLabV2 scale attention is this head type, hrda_head.py:57)."""
+        return SummedASPP(self.feature_channels[-1], out_channels, self.dilations)
 
     def stage_features(self, x: Tensor) -> list[Tensor]:
         """Stage features layer1..layer4 (strides 4, 8, 8, 8) of a normalised image."""

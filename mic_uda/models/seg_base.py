@@ -113,7 +113,9 @@ class EncoderHeadSegNet(SegNetwork):
         """The encoder's stage features of a normalised image, coarsest last."""
         raise NotImplementedError
 
-    def make_head(self, out_channels: int, attention: bool = False) -> nn.Module:
+    def make_head(
+        self, out_channels: int, attention: bool = False, embed_dim: int | None = None
+    ) -> nn.Module:
         """A head of this network's type on its stage features with ``out_channels`` outputs;
         ``attention``: HRDA's scale-attention variant (lighter where the official code makes it so)."""
         raise NotImplementedError(f"{type(self).__name__} has no head factory (needed by HRDA)")
