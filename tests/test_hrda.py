@@ -282,3 +282,38 @@ def test_pseudo_label_margins_weight_every_target_term(make_cfg, monkeypatch) ->
     module2, batch2 = _module_and_batch(make_cfg, ["method=mic", "method.mix=null", *CONFIDENT])
     _, logs2 = _run_terms(module2, batch2, monkeypatch)
     assert float(logs2["train/loss_mic"]) > 0
+
+
+HRDA_PRESETS = {  # preset: (source resize, target resize, margins, MIC images or None, seed, base network)
+    "hrda_gta2cs": ([2560, 1440], [2048, 1024], [30, 240, 30, 30], None, 1, "DAFormerNet"),
+    "mic_hrda_gta2cs": ([2560, 1440], [2048, 1024], [30, 240, 30, 30], "target", 2, "DAFormerNet"),
+    "hrda_synthia2cs": ([2560, 1520], [2048, 1024], [30, 240, 30, 30], None, 0, "DAFormerNet"),
+    "mic_hrda_synthia2cs": ([2560, 1520], [2048, 1024], [30, 240, 30, 30], "target", 0, "DAFormerNet"),
+    "hrda_cs2acdc": ([2048, 1024], [1920, 1080], None, None, 0, "DAFormerNet"),
+    "mic_hrda_cs2acdc": ([2048, 1024], [1920, 1080], None, "one_each", 0, "DAFormerNet"),
+    "hrda_cs2darkzurich": ([2048, 1024], [1920, 1080], None, None, 0, "DAFormerNet"),
+    "mic_hrda_cs2darkzurich": ([2048, 1024], [1920, 1080], None, "one_each", 0, "DAFormerNet"),
+    "hrda_dlv2_gta2cs": ([2560, 1440], [2048, 1024], [30, 240, 30, 30], None, 0, "DeepLabV2Net"),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(HRDA_PRESETS))
+def test_hrda_presets_compose_to_the_official_configuration(make_cfg, preset) -> None:
+    src, tgt, margins, mic_images, seed, base = HRDA_PRESETS[preset]
+    cfg = make_cfg([f"experiment={preset}"], tiny=False)
+    d, m, b = cfg.data.datamodule, cfg.method, cfg.backbone
+    assert b._target_ == "mic_uda.models.hrda.HRDANet" and b.base._target_.endswith(base)
+    assert list(b.scales) == [0.5, 1.0] and list(b.hr_crop_size) == [512, 512] and b.crop_divisible == 8
+    assert b.hr_loss_weight == 0.1 and b.attention_classwise and b.hr_slide_inference
+    assert list(b.test_crop_size) == [1024, 1024] and list(b.test_stride) == [512, 512]
+    assert list(d.source.resize) == src and list(d.target.resize) == tgt and list(d.val.resize) == tgt
+    assert d.source.crop_size == d.target.crop_size == 1024 and d.val.native_label
+    assert (None if d.target.get("pseudo_margins") is None else list(d.target.pseudo_margins)) == margins
+    assert m.pseudo_label.ignore_top == m.pseudo_label.ignore_bottom == 0  # margins replace 15/120
+    assert cfg.data.rcs.enabled and cfg.data.rcs.min_crop_pixels == 6000  # min_crop_ratio 2.0 x 3000
+    assert m.fd.weight == 0.005 and m.mix is not None and m.student_bn == "all"
+    assert (m.mic.images if m.get("mic") else None) == mic_images
+    if mic_images:
+        assert m.mic.block_size == 64 and m.mic.ratio == 0.7
+    assert cfg.seed == seed and cfg.trainer.max_steps == 40000 and cfg.trainer.val_check_interval == 4000
+    assert cfg.trainer.precision == "32-true" and cfg.handover == "student"
