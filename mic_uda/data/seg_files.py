@@ -8,6 +8,7 @@ the data on disk is an error that names the path and the expected layout.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -18,6 +19,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 IGNORE = 255
+log = logging.getLogger(__name__)
+
+#: how far (relative) a label's aspect ratio may be from its image's for a pair of different sizes to be
+#: resized each on its own (with ``resize`` set) rather than rejected: GTA5's odd frames are a few pixels
+#: off; a larger gap means the label belongs to another image
+SIZE_MISMATCH_TOLERANCE = 0.02
 
 # Cityscapes label ids -> the 19 train ids (everything else -> 255); GTA5 uses the same ids.
 CITYSCAPES_ID_TO_TRAIN_ID: dict[int, int] = {
@@ -170,6 +177,8 @@ class PairedSegDataset(Dataset):
                 f"{name}: native_label=true is for evaluation splits: it needs crop_size=null and "
                 f"hflip=false, got crop_size={crop_size}, hflip={hflip}"
             )
+        # pairs whose size mismatch was logged (read), shared with DataLoader workers: once per run
+        self._size_mismatch_logged = shared_flags(len(self.pairs)) if self.resize is not None else None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -227,7 +236,14 @@ class PairedSegDataset(Dataset):
         return int(height * s + 0.5), int(width * s + 0.5)
 
     def read(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Image (float 0..1, CxHxW) and label of pair ``i`` at the files' own resolution."""
+        """Image (float 0..1, CxHxW) and label of pair ``i`` at the files' own resolution.
+
+        A label whose size differs from its image's (a few GTA5 frames) is an error naming both files
+        when ``resize`` is null. With ``resize`` set it is what mmseg does with such a pair: image and
+        label are each resized on their own to their target size (:meth:`resize_pair`), after checking
+        that their aspect ratios agree within :data:`SIZE_MISMATCH_TOLERANCE` (otherwise the label is
+        not this image's: an error naming both files); each such pair is logged once per run.
+        """
         img_path, lbl_path = self.pairs[i]
         try:
             image = torch.from_numpy(np.array(Image.open(img_path).convert("RGB"))).permute(2, 0, 1)
@@ -236,22 +252,67 @@ class PairedSegDataset(Dataset):
         image = image.float().div_(255)
         label = self.read_label(lbl_path) if lbl_path is not None else None
         if label is not None and label.shape != image.shape[-2:]:
-            raise ValueError(
-                f"{lbl_path}: label size {tuple(label.shape)} != image size {tuple(image.shape[-2:])}"
-                f" of {img_path}"
-            )
+            self._check_size_mismatch(i, tuple(image.shape[-2:]), tuple(label.shape))
         return image, label
+
+    def _check_size_mismatch(self, i: int, image_hw: tuple[int, int], label_hw: tuple[int, int]) -> None:
+        img_path, lbl_path = self.pairs[i]
+        if self.resize is None:
+            raise ValueError(
+                f"{lbl_path}: label size {label_hw} != image size {image_hw} of {img_path}: expected the"
+                " same size (with resize set, such a pair is resized each on its own, as mmseg)"
+            )
+        apart = abs((label_hw[1] / label_hw[0]) / (image_hw[1] / image_hw[0]) - 1.0)
+        if apart > SIZE_MISMATCH_TOLERANCE:
+            raise ValueError(
+                f"{lbl_path}: label size {label_hw} != image size {image_hw} of {img_path}, aspect ratios "
+                f"{apart:.1%} apart: expected the same size, or one within {SIZE_MISMATCH_TOLERANCE:.0%} "
+                "of the image's aspect ratio (resized each on its own)"
+            )
+        logged = getattr(self, "_size_mismatch_logged", None)
+        if logged is not None and i < logged.numel():
+            if bool(logged[i]):
+                return
+            logged[i] = True
+        out_img, out_lbl = self.resized_size(*image_hw), self.resized_size(*label_hw)
+        log.warning(
+            "%s: label %s is %dx%d, its image %s is %dx%d: each resized on its own (as mmseg's Resize), "
+            "to %dx%d and %dx%d%s",
+            self.name,
+            lbl_path,
+            label_hw[1],
+            label_hw[0],
+            img_path,
+            image_hw[1],
+            image_hw[0],
+            out_img[1],
+            out_img[0],
+            out_lbl[1],
+            out_lbl[0],
+            ""
+            if out_img == out_lbl
+            else "; the label is then cut or padded with 255 at the bottom/right to the image's size, "
+            "as mmseg's crop and pad treat it",
+        )
 
     def resize_pair(
         self, image: torch.Tensor, label: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The image (bilinear, align_corners=False) and label (nearest) at :meth:`resized_size`."""
+        """The image (bilinear, align_corners=False) and label (nearest), each at its own
+        :meth:`resized_size` (mmseg's ``Resize`` rescales ``img`` and ``gt_semantic_seg`` separately).
+        A label whose size differs from its image's (checked in :meth:`read`) can land a few pixels off
+        the image's size; it is then cut or padded with 255 at the bottom/right to the image's size: what
+        mmseg's ``RandomCrop`` (one box for both) and ``Pad`` do to it."""
         h, w = self.resized_size(*image.shape[-2:])
-        if (h, w) == tuple(image.shape[-2:]):
-            return image, label  # interpolating to the same size is the identity
-        image = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        if (h, w) != tuple(image.shape[-2:]):  # interpolating to the same size is the identity
+            image = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False)[0]
         if label is not None:
-            label = F.interpolate(label[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
+            lh, lw = self.resized_size(*label.shape)
+            if (lh, lw) != tuple(label.shape):
+                label = F.interpolate(label[None, None].float(), size=(lh, lw), mode="nearest")[0, 0].long()
+            if (lh, lw) != (h, w):
+                label = label[:h, :w]
+                label = F.pad(label, (0, w - label.shape[1], 0, h - label.shape[0]), value=IGNORE)
         return image, label
 
     def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -323,6 +384,16 @@ class PairedSegDataset(Dataset):
         image, label = self.load(i)
         top, left = self.draw_crop(image, label) if self.crop_hw is not None else (0, 0)
         return {**self.finish(image, label, top, left), "index": i}
+
+
+def shared_flags(n: int) -> torch.Tensor:
+    """``n`` False flags in shared memory (seen and set by every DataLoader worker); a plain tensor where
+    shared memory is unavailable (then once per worker process)."""
+    flags = torch.zeros(n, dtype=torch.bool)
+    try:
+        return flags.share_memory_()
+    except RuntimeError:
+        return flags
 
 
 def crop_hw(crop_size: int | Sequence[int] | None, name: str = "dataset") -> tuple[int, int] | None:
@@ -456,7 +527,12 @@ GTA5_LAYOUT = "<root>/images/*.png and <root>/labels/*.png (same file names; Cit
 class GTA5(PairedSegDataset):
     """GTA5 (Richter et al.): ``images/*.png``, ``labels/*.png`` with Cityscapes ids -> 19 train ids.
     Default recipe (DAFormer/MIC): ``Resize(img_scale=(1280, 720))`` keeping the aspect ratio, i.e.
-    1914x1052 -> 1280x704 (``keep_ratio=false``: exactly 1280x720), 512 crops."""
+    1914x1052 -> 1280x704 (``keep_ratio=false``: exactly 1280x720), 512 crops.
+
+    Quirk of the published files: a few frames' image and label differ in size by a few pixels. With
+    ``resize`` set (the default) they are read as mmseg reads them: image and label each resized on
+    its own to its target size, any pixels left over cut or padded with 255, a warning per such pair
+    once (:meth:`PairedSegDataset.read`); with ``resize=None`` they are an error naming both files."""
 
     def __init__(
         self,
@@ -502,7 +578,8 @@ CITYSCAPES_LAYOUT = (
 
 class Cityscapes(PairedSegDataset):
     """Cityscapes: ``leftImg8bit/<split>/<city>/*``; labels ``*_labelTrainIds.png`` or ``*_labelIds.png``
-    (mapped on the fly). Default recipe: 2048x1024 -> 1024x512, 512 crops for training."""
+    (mapped on the fly). Default recipe: 2048x1024 -> 1024x512, 512 crops for training. The published
+    ``gtFine/test`` files are placeholders: ``split=test`` with labels is an error (images only)."""
 
     def __init__(
         self,
@@ -520,6 +597,12 @@ class Cityscapes(PairedSegDataset):
         pseudo_margins: Sequence[int] | None = None,
     ) -> None:
         root = Path(root)
+        if with_labels and split == "test":
+            raise ValueError(
+                f"Cityscapes/test: '{root / 'gtFine' / 'test'}' holds placeholder labels, not the test "
+                "annotations (those stay on the benchmark server): expected split=val for scores, or "
+                "with_labels=false to read the test images"
+            )
         img_dir = require_dir(root / "leftImg8bit" / split, "Cityscapes", CITYSCAPES_LAYOUT)
         images = sorted_glob(img_dir, "*/*_leftImg8bit.png", "Cityscapes", CITYSCAPES_LAYOUT)
         pairs: list[tuple[Path, Path | None]] = [(p, None) for p in images]
