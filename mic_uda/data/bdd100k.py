@@ -3,9 +3,18 @@
 Layout: ``images/10k/<split>/*.jpg``, ``labels/sem_seg/masks/<split>/<stem>.png`` (19 train ids). The 10k
 segmentation set carries no time-of-day tag itself; it is looked up by file name in the detection
 labels' attributes (``labels/bdd100k_labels_images_<split>.json``, a list of ``{"name", "attributes":
-{"timeofday"}}`` entries, as in BDD100K's 2018 and ``det_20`` releases). Frames missing from that file
-are left out (counted in a warning). A list of stems (``split_file``) replaces the lookup, e.g. to skip
-parsing the large json on every start.
+{"timeofday"}}`` entries, as in BDD100K's 2018 and ``det_20`` releases).
+
+Quirks of the published files: the 10k frames are not split as the 100k detection set is. A 10k ``train``
+frame can be listed only in the ``val`` json (bdd100k issue #132) and some 10k frames are in neither json
+(issues #22, #120). Each frame is therefore looked up in both splits' jsons (its own split's first; the
+other's when present); frames in neither are left out, with one warning naming their count.
+
+``split_file``: a list of frames replaces the lookup, e.g. the hand-checked night list most night-time
+papers use instead of the noisy ``timeofday`` tag. One list may span train and val: a line is a stem, a
+file name (``<stem>.jpg``) or a path ending in ``<split>/<stem>.jpg`` (e.g. ``images/10k/val/x.jpg``); a
+dataset keeps the listed frames found in its own ``images/10k/<split>`` (a line naming a split only in
+that split), and a listed frame found in neither split folder is an error naming it and the list.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from mic_uda.data.seg_files import (
     PairedSegDataset,
@@ -48,6 +57,31 @@ def read_time_of_day(json_path: Path) -> dict[str, str | None]:
         ) from e
 
 
+BDD100K_SPLITS = ("train", "val")
+
+
+def read_frame_list(path: Path, shown: str, split: str, images_dir: Path) -> list[str]:
+    """Stems of ``split`` in a frame list (``split_file``, ``shown`` in errors) that may span train and
+    val (module docstring): those found in ``images_dir / split``; a frame in no split folder is an error."""
+    lines = read_split_file(path, "BDD100K", BDD100K_LAYOUT)
+    splits = [*BDD100K_SPLITS, *([split] if split not in BDD100K_SPLITS else [])]
+    present = {s: {p.stem for p in (images_dir / s).glob("*.jpg")} for s in splits}
+    stems: list[str] = []
+    for line in lines:
+        entry = PurePosixPath(line.replace("\\", "/"))
+        stem = entry.stem if entry.suffix.lower() in (".jpg", ".png") else entry.name
+        named = entry.parent.name if entry.parent.name in present else None
+        found = [s for s in ([named] if named else splits) if stem in present[s]]
+        if not found:
+            where = images_dir / (named or split) / f"{stem}.jpg"
+            others = [str(images_dir / s) for s in splits if s != split and not named]
+            nor = f" (nor in {', '.join(others)})" if others else ""
+            raise FileNotFoundError(f"BDD100K: '{where}' listed in '{shown}' does not exist{nor}")
+        if split in found:
+            stems.append(stem)
+    return stems
+
+
 class BDD100K(PairedSegDataset):
     """BDD100K 10k segmentation frames (1280x720), by default only ``night`` ones (cs2bdd_night)."""
 
@@ -73,12 +107,13 @@ class BDD100K(PairedSegDataset):
         img_dir = require_dir(root / "images" / "10k" / split, "BDD100K", BDD100K_LAYOUT)
         images = sorted_glob(img_dir, "*.jpg", "BDD100K", BDD100K_LAYOUT)
         if split_file is not None:
-            keep = set(read_split_file(root / split_file, "BDD100K", BDD100K_LAYOUT))
-            missing = sorted(keep - {p.stem for p in images})
-            if missing:
-                raise FileNotFoundError(
-                    f"BDD100K: '{img_dir / missing[0]}.jpg' listed in '{split_file}' does not exist"
+            listed = read_frame_list(root / split_file, split_file, split, root / "images" / "10k")
+            if not listed:
+                raise ValueError(
+                    f"BDD100K: '{split_file}' lists no frame of '{img_dir}' (its frames are all in the other "
+                    "split's folder)"
                 )
+            keep = set(listed)
             images = [p for p in images if p.stem in keep]
             selection = split_file
         elif time_of_day is not None:
@@ -87,12 +122,19 @@ class BDD100K(PairedSegDataset):
                     f"BDD100K: time_of_day '{time_of_day}': expected one of {BDD100K_TIMES} or null"
                 )
             json_path = root / attributes_json.format(split=split)
-            tags = read_time_of_day(json_path)
+            tags = read_time_of_day(json_path)  # its own split's json must be there
+            looked_in = [json_path]
+            for other in BDD100K_SPLITS:  # 10k frames are listed in the other split's json too (#132)
+                other_path = root / attributes_json.format(split=other)
+                if other_path != json_path and other_path.is_file():
+                    tags = {**read_time_of_day(other_path), **tags}  # its own split's entry wins
+                    looked_in.append(other_path)
+            in_jsons = " or ".join(f"'{j}'" for j in looked_in)
             kept = [p for p in images if tags.get(p.name) == time_of_day]
             if not kept:
                 raise ValueError(
                     f"BDD100K: none of the {len(images)} images in '{img_dir}' is tagged timeofday="
-                    f"'{time_of_day}' in '{json_path}' (frames are matched by file name)"
+                    f"'{time_of_day}' in {in_jsons} (frames are matched by file name)"
                 )
             untagged = sum(p.name not in tags for p in images)
             if untagged:
@@ -101,7 +143,7 @@ class BDD100K(PairedSegDataset):
                     split,
                     untagged,
                     len(images),
-                    json_path,
+                    in_jsons,
                 )
             images, selection = kept, time_of_day
         else:
