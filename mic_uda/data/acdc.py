@@ -1,5 +1,12 @@
 """ACDC (Sakaridis et al.) in its published layout, conditions read directly (no restructuring):
 ``rgb_anon/<cond>/<split>/<seq>/*_rgb_anon.png``, ``gt/<cond>/<split>/<seq>/*_gt_labelTrainIds.png``.
+
+Also the flat layout MIC's README has users make with ``rsync -a data/acdc/rgb_anon/*/train/*/*
+data/acdc/rgb_anon/train/`` (and ``val``; ``gt/*/<split>/*/*_labelTrainIds.png`` -> ``gt/<split>/``):
+``rgb_anon/<split>/*_rgb_anon.png``, ``gt/<split>/*_gt_labelTrainIds.png`` (files found recursively, as
+mmseg's scan). The per-condition folders are read when all the asked conditions have one (after the rsync
+both layouts are there: the same frames); the flat folder otherwise, which holds all four conditions
+mixed (its file names do not say the condition), so it serves only ``conditions`` = all four.
 """
 
 from __future__ import annotations
@@ -12,7 +19,8 @@ from mic_uda.data.seg_files import PairedSegDataset, pair_train_id_labels, requi
 ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
 ACDC_LAYOUT = (
     "<root>/rgb_anon/<fog|night|rain|snow>/<train|val|test>/<sequence>/*_rgb_anon.png and "
-    "<root>/gt/<condition>/<train|val>/<sequence>/*_gt_labelTrainIds.png (or *_gt_labelIds.png)"
+    "<root>/gt/<condition>/<train|val>/<sequence>/*_gt_labelTrainIds.png (or *_gt_labelIds.png); or MIC's "
+    "flat copy <root>/rgb_anon/<train|val>/*_rgb_anon.png and <root>/gt/<train|val>/*_gt_labelTrainIds.png"
 )
 
 
@@ -42,6 +50,37 @@ class ACDC(PairedSegDataset):
             raise ValueError(
                 f"ACDC: conditions {conditions}: expected a non-empty subset of {ACDC_CONDITIONS}"
             )
+        flat = root / "rgb_anon" / split
+        per_condition = all((root / "rgb_anon" / c / split).is_dir() for c in conditions)
+        if not per_condition and flat.is_dir():
+            if sorted(conditions) != sorted(ACDC_CONDITIONS):
+                raise ValueError(
+                    f"ACDC: conditions {conditions} need the per-condition folders "
+                    f"'{root / 'rgb_anon' / '<condition>' / split}'; the flat '{flat}' mixes all four"
+                )
+            pairs, mapping, name = self._flat(root, split, with_labels)
+        else:
+            pairs, mapping, name = self._per_condition(root, split, conditions, with_labels)
+        super().__init__(
+            pairs,
+            19,
+            mapping,
+            resize,
+            crop_size,
+            hflip,
+            name,
+            cat_max_ratio,
+            class_subset,
+            keep_ratio=keep_ratio,
+            native_label=native_label,
+            pad_crop=pad_crop,
+            pseudo_margins=pseudo_margins,
+        )
+
+    @staticmethod
+    def _per_condition(
+        root: Path, split: str, conditions: list[str], with_labels: bool
+    ) -> tuple[list[tuple[Path, Path | None]], dict[int, int] | None, str]:
         images = []
         for cond in conditions:
             img_dir = require_dir(root / "rgb_anon" / cond / split, "ACDC", ACDC_LAYOUT)
@@ -61,19 +100,25 @@ class ACDC(PairedSegDataset):
                 ),
                 "ACDC",
             )
-        name = f"ACDC/{split}/{'+'.join(conditions)}"
-        super().__init__(
-            pairs,
-            19,
-            mapping,
-            resize,
-            crop_size,
-            hflip,
-            name,
-            cat_max_ratio,
-            class_subset,
-            keep_ratio=keep_ratio,
-            native_label=native_label,
-            pad_crop=pad_crop,
-            pseudo_margins=pseudo_margins,
-        )
+        return pairs, mapping, f"ACDC/{split}/{'+'.join(conditions)}"
+
+    @staticmethod
+    def _flat(
+        root: Path, split: str, with_labels: bool
+    ) -> tuple[list[tuple[Path, Path | None]], dict[int, int] | None, str]:
+        img_dir = root / "rgb_anon" / split
+        images = sorted_glob(img_dir, "**/*_rgb_anon.png", "ACDC", ACDC_LAYOUT)
+        pairs: list[tuple[Path, Path | None]] = [(p, None) for p in images]
+        mapping = None
+        if with_labels:
+            gt_dir = require_dir(root / "gt" / split, "ACDC", ACDC_LAYOUT)
+            pairs, mapping = pair_train_id_labels(
+                images,
+                lambda p, kind: (
+                    gt_dir
+                    / p.relative_to(img_dir).parent
+                    / p.name.replace("_rgb_anon.png", f"_gt_{kind}.png")
+                ),
+                "ACDC",
+            )
+        return pairs, mapping, f"ACDC/{split}/all"
