@@ -15,7 +15,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from mic_uda.models.weights import check_state_dict, require_weights_file
+from mic_uda.models.weights import check_state_dict, read_weights_file, require_weights_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,19 +70,9 @@ class ImageClassifier(nn.Module):
         load_backbone_weights(self.backbone, Path(path), self.backbone_name)
 
 
-def read_state_dict(path: Path) -> dict[str, Tensor]:
+def read_state_dict(path: Path, name: str = "this network") -> dict[str, Tensor]:
     """A plain state dict from a torch or safetensors file, unwrapping ``state_dict``/``model``."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        obj: Any = load_file(str(path))
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(
-                f"Could not read weights file '{path}' with torch.load(weights_only=True): {err}"
-            ) from err
+    obj: Any = read_weights_file(path, name)  # torch or safetensors; a clear error otherwise
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -93,7 +83,7 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
 
 def load_backbone_weights(backbone: nn.Module, path: Path, name: str) -> None:
     require_weights_file(path, name)
-    state = read_state_dict(path)
+    state = read_state_dict(path, name)
     filter_fn = getattr(__import__(type(backbone).__module__, fromlist=["_"]), "checkpoint_filter_fn", None)
     if filter_fn is not None:  # timm's own key/shape adaptation (ViT pos-embed resampling, ...)
         state = filter_fn(state, backbone)

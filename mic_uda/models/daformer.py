@@ -11,7 +11,6 @@ from a local file with :meth:`DAFormerNet.load_encoder_weights`.
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mic_uda.models.seg_base import EncoderHeadSegNet
-from mic_uda.models.weights import check_state_dict, require_weights_file
+from mic_uda.models.weights import check_state_dict, read_weights_file, require_weights_file
 
 __all__ = [
     "DAFormerHead",
@@ -203,14 +202,7 @@ class DAFormerNet(EncoderHeadSegNet):
 def load_encoder_weights_into(encoder: nn.Module, path: str | os.PathLike, encoder_name: str) -> None:
     """Load a local encoder checkpoint into any smp encoder after a strict, explained key check."""
     path = Path(path)
-    require_weights_file(path, encoder_name)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise ValueError(
-            f"Could not read '{path}' with torch.load(weights_only=True): {err}. Re-save only the "
-            "state dict (a dict of tensors), e.g. torch.save(ckpt['state_dict'], new_path)."
-        ) from err
+    obj = read_weights_file(path, encoder_name)  # a clear error for a non-weights file
     state = extract_encoder_state_dict(obj, source=str(path))
     if any(k.startswith("_conv_stem.") for k in state):
         state = map_lukemelas_efficientnet(state, encoder, str(path))

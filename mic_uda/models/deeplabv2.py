@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from mic_uda.models.daformer import IMAGENET_MEAN, IMAGENET_STD, extract_encoder_state_dict
 from mic_uda.models.seg_base import EncoderHeadSegNet
-from mic_uda.models.weights import check_state_dict, require_weights_file
+from mic_uda.models.weights import check_state_dict, read_weights_file
 
 #: mmcv ResNetV1c deep-stem names -> timm's (conv, BN, ReLU) x 3 sequence; the last BN is timm's bn1
 MMCV_STEM = {"stem.0.": "conv1.0.", "stem.1.": "conv1.1.", "stem.3.": "conv1.3.", "stem.4.": "conv1.4.",
@@ -90,8 +90,7 @@ class DeepLabV2Net(EncoderHeadSegNet):
     def load_encoder_weights(self, path: str | os.PathLike) -> None:
         """A local ResNet-101 ImageNet state dict (timm/torchvision names, or mmcv's V1c ``stem.*``);
         the classifier (``fc.*``) is dropped."""
-        require_weights_file(Path(path), self.encoder_name)
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        raw = read_weights_file(Path(path), self.encoder_name)
         state = map_resnet_keys(extract_encoder_state_dict(raw, str(path)))
         check_state_dict(self.encoder, state, self.encoder_name, str(path))
         self.encoder.load_state_dict(state)

@@ -355,7 +355,7 @@ class FasterRCNNDetector(nn.Module):
         from a local file; the box predictor is skipped when its class count differs."""
         path = Path(path)
         require_weights_file(path, self.arch)
-        state = read_state_dict(path)
+        state = read_state_dict(path, self.arch)
         expected = self.model.state_dict()
         state = {
             k: v
@@ -381,7 +381,7 @@ class FasterRCNNDetector(nn.Module):
         path = Path(path)
         require_weights_file(path, f"{self.arch} backbone")
         body = self.model.backbone.body
-        state = read_state_dict(path)
+        state = read_state_dict(path, f"{self.arch} backbone")
         expected = body.state_dict()
         if self.arch.startswith("fasterrcnn_mobilenet"):  # classification keys: features.N.* -> N.*
             state = {k.removeprefix("features."): v for k, v in state.items()}
