@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from mic_uda.callbacks import SegPredictionWriter
 from mic_uda.handover import adapt_bn_to_target
+from mic_uda.utils.checkpointing import check_checkpoint_fits
 from mic_uda.utils.hydra_utils import CONFIG_DIR, as_float_dict, register_resolvers, task_wrapper, write_json
 
 log = logging.getLogger("mic_uda")
@@ -44,6 +45,7 @@ def load_module(ckpt_path: str | Path) -> L.LightningModule:
 @task_wrapper
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
+    check_checkpoint_fits(cfg.ckpt_path, cfg.data)  # one-line errors: not a checkpoint, other task/data
     model = load_module(cfg.ckpt_path)
     datamodule = instantiate(cfg.data.datamodule, _recursive_=False)
     callbacks = []

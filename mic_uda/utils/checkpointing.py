@@ -15,7 +15,10 @@ Lightning's behaviour.
 from __future__ import annotations
 
 import os
+import pickle
 import signal
+import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -107,3 +110,83 @@ def init_student_from(model: torch.nn.Module, path: str | Path) -> int:
     if hasattr(model, "student_from_init"):
         model.student_from_init = True  # setup must not load the ImageNet encoder weights over it
     return int(ckpt.get("global_step", 0))
+
+
+#: the task of each LightningModule class a checkpoint names (``mic_uda_module``)
+TASK_OF_MODULE = {"SegUDAModule": "seg", "ClsUDAModule": "cls", "DetUDAModule": "det"}
+
+
+def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
+    """A checkpoint file's dict, or a one-line error naming ``key=path`` and what the file is instead.
+
+    Memory-mapped where the file format allows it, so checking a large checkpoint costs little."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}={str(path)!r} does not exist (expected a .ckpt written by training)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        raise ValueError(
+            f"{key}={str(path)!r} is not a checkpoint (it starts with {head!r}; a .ckpt is a zip/pickle "
+            "file written by training or by python -m mic_uda.convert)"
+        )
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=head.startswith(b"PK"))
+        except pickle.UnpicklingError as err:  # objects beyond tensors: a file this user wrote themselves
+            if "weights_only" not in str(err).lower():
+                raise
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, KeyError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{key}={str(path)!r} is not a readable checkpoint (truncated?): {first}") from None
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f"{key}={str(path)!r} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    return dict(ckpt)
+
+
+def data_task(data_cfg: Mapping[str, Any]) -> str | None:
+    """The task a data config feeds, from its evaluation dataset's class (None: a class we do not know)."""
+    target = str(((data_cfg.get("datamodule") or {}).get("val") or {}).get("_target_", ""))
+    if not target.startswith("mic_uda.data."):
+        return None
+    if "Detection" in target:
+        return "det"
+    if target.startswith(("mic_uda.data.cls_files.", "mic_uda.data.synthetic_cls.")):
+        return "cls"
+    return "seg"
+
+
+def _classes(names: Any, limit: int = 4) -> str:
+    names = list(names or [])
+    shown = ", ".join(str(n) for n in names[:limit]) + (", ..." if len(names) > limit else "")
+    return f"{len(names)} classes [{shown}]"
+
+
+def check_checkpoint_fits(path: str | Path, data_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``python -m mic_uda.evaluate``'s first step: the file is a mic_uda checkpoint whose task and classes
+    are those of the data config asked for; else a one-line error saying what it holds vs what is asked.
+    Returns the checkpoint's hyper-parameters."""
+    ckpt = read_checkpoint(path)
+    module = ckpt.get("mic_uda_module")
+    if module is None:
+        raise ValueError(
+            f"ckpt_path={str(path)!r} was not written by mic_uda (no 'mic_uda_module' entry); convert an "
+            "official mmseg checkpoint first: python -m mic_uda.convert <file> --to <ours.ckpt> --preset ..."
+        )
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    task = TASK_OF_MODULE.get(str(module).rsplit(".", 1)[-1])
+    wanted_task = data_task(data_cfg)
+    held = f"a {task or module} model of {_classes(hparams.get('class_names'))}"
+    kind = f"a {wanted_task} model" if wanted_task else "a model"
+    asked = f"data={data_cfg.get('name', '?')} asks for {kind} of {_classes(data_cfg.get('class_names'))}"
+    if task and wanted_task and task != wanted_task:
+        raise ValueError(
+            f"ckpt_path={str(path)!r} holds {held}, but {asked}: pick the data config it was trained for"
+        )
+    names, wanted = list(hparams.get("class_names") or []), list(data_cfg.get("class_names") or [])
+    if names and wanted and names != wanted:
+        raise ValueError(
+            f"ckpt_path={str(path)!r} holds {held}, but {asked}: pick the data config it was trained for"
+        )
+    return hparams
