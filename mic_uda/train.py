@@ -18,7 +18,7 @@ from torchmetrics import Metric
 
 from mic_uda.data.bad_samples import check_on_bad_sample
 from mic_uda.handover import adapt_bn_to_target, check_handover, has_running_bn, recalibrated_metrics
-from mic_uda.models.weights import require_weights_file
+from mic_uda.models.weights import weights_file_format
 from mic_uda.objective import check_objective, objective_value
 from mic_uda.tasks.method import check_terms, parse_method
 from mic_uda.utils.checkpointing import init_student_from
@@ -27,6 +27,8 @@ from mic_uda.utils.hydra_utils import (
     as_float_dict,
     instantiate_clearly,
     instantiate_dict,
+    quiet_intentional,
+    recipe_in_force,
     register_resolvers,
     task_wrapper,
     update_wandb_summary,
@@ -81,7 +83,7 @@ def validate_config(cfg: DictConfig) -> None:
         if weights:
             b = cfg.backbone
             name = b.get("encoder_name") or b.get("backbone") or b.get("arch") or "the network"
-            require_weights_file(Path(weights), str(name))
+            weights_file_format(Path(weights), str(name))  # exists, and is a torch/safetensors file
     check_on_bad_sample(cfg.data.get("on_bad_sample", "error"))
     check_handover(cfg.get("handover", "recalibrated"))
     if cfg.trainer.get("accelerator") == "gpu" and not torch.cuda.is_available():
@@ -112,6 +114,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     with open_dict(cfg):
         cfg.tags = sorted({*cfg.get("tags", []), cfg.task.name, cfg.data.name, cfg.method.name})
     log.info("run folder: %s", cfg.paths.output_dir)
+    log.info(recipe_in_force(cfg))
 
     datamodule = build_datamodule(cfg)
     model: L.LightningModule = instantiate_clearly(cfg.task.module, _recursive_=False)
@@ -131,9 +134,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics: dict[str, float] = {}
     handed_over = "student"
     if cfg.get("train"):
-        trainer.fit(
-            model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
-        )
+        with quiet_intentional(model):  # no "N modules in eval mode" warning for our teacher
+            trainer.fit(
+                model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
+            )
         metrics.update(as_float_dict(trainer.callback_metrics))
     if cfg.get("test") and not trainer.fast_dev_run and trainer.is_global_zero:
         tester = trainer if trainer.world_size == 1 else single_device_tester(cfg)
@@ -196,7 +200,7 @@ def hand_over(
     choice = cfg.get("handover", "recalibrated")
     if choice == "recalibrated" and cfg.get("train"):
         final = Path(cfg.paths.output_dir) / "checkpoints" / "final.ckpt"
-        tester.save_checkpoint(final)  # AtomicCheckpointIO where the trainer config has it
+        tester.save_checkpoint(final, weights_only=False)  # AtomicCheckpointIO where the trainer has it
         log.info("handed over: %s (the student with target BN statistics)", final)
     return choice
 

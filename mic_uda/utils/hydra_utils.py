@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import importlib.util
 import json
 import logging
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 log = logging.getLogger("mic_uda")
 
@@ -106,12 +112,14 @@ def update_wandb_summary(values: dict[str, Any]) -> None:
 
 
 def task_wrapper(fn: Callable[[DictConfig], dict[str, Any]]) -> Callable[[DictConfig], dict[str, Any]]:
-    """Log the exception with the run folder, always close loggers (lightning-hydra-template)."""
+    """Log the exception with the run folder, always close loggers (lightning-hydra-template); the run
+    itself inside :func:`quiet_known_noise`."""
 
     @functools.wraps(fn)
     def wrapped(cfg: DictConfig) -> dict[str, Any]:
         try:
-            return fn(cfg)
+            with quiet_known_noise():
+                return fn(cfg)
         except Exception:
             log.exception("run failed; output folder: %s", cfg.paths.get("output_dir", "?"))
             raise
@@ -119,6 +127,125 @@ def task_wrapper(fn: Callable[[DictConfig], dict[str, Any]]) -> Callable[[DictCo
             close_loggers()
 
     return wrapped
+
+
+def _config_has(source: Any, relative: str) -> bool:
+    """Whether one of Hydra's config sources (``hydra.runtime.config_sources``) holds ``relative``."""
+    if source.get("schema") == "file":
+        return (Path(source.path) / relative).is_file()
+    if source.get("schema") == "pkg":
+        try:
+            return importlib.resources.files(source.path).joinpath(relative).is_file()
+        except (ModuleNotFoundError, TypeError):
+            return False
+    return False
+
+
+def recipe_in_force(cfg: DictConfig) -> str:
+    """The start-up line that names the recipe in force, or says there is none.
+
+    ``conf/train.yaml`` picks ``recipe/<data choice>.yaml`` when one exists (``optional recipe: ${data}``).
+    A user's ``data=my_data`` has none unless ``recipe=<name>`` is given or the user's config dir holds
+    ``recipe/my_data.yaml``; then the task/trainer defaults (the papers' 40k-iteration schedule) apply.
+    """
+    schedule = (
+        f"max_steps={cfg.trainer.get('max_steps')}, lr={cfg.task.module.optimizer.get('lr')}, "
+        f"val_check_interval={cfg.trainer.get('val_check_interval')}"
+    )
+    if not HydraConfig.initialized():
+        return f"recipe: unknown (config not composed by Hydra); schedule {schedule}"
+    hc = HydraConfig.get()
+    choices, data = hc.runtime.choices, hc.runtime.choices.get("data")
+    name = choices.get("recipe")
+    sources = hc.runtime.get("config_sources") or []
+    found = name is not None and any(_config_has(s, f"recipe/{name}.yaml") for s in sources)
+    if found:
+        how = f"picked by data={data}" if name == data else f"chosen by recipe={name}, not by data={data}"
+        return f"recipe: {name} (recipe/{name}.yaml, {how}); schedule {schedule}"
+    available = sorted(
+        {
+            p.stem
+            for s in sources
+            if s.get("schema") == "file" and (Path(s.path) / "recipe").is_dir()
+            for p in (Path(s.path) / "recipe").glob("*.yaml")
+        }
+    )
+    why = "removed with ~recipe" if name is None else f"no recipe/{name}.yaml for data={data}"
+    return (
+        f"recipe: none ({why}): the task/trainer defaults (the papers' schedule) apply, {schedule}; "
+        f"for another schedule give recipe=<name> ({', '.join(available)}) or add recipe/{data}.yaml "
+        "to your --config-dir"
+    )
+
+
+#: Lightning messages a run would print although nothing is wrong (each matched by its own text and
+#: category, never a category-wide filter); the teacher's eval mode: quiet_intentional
+_INTENTIONAL_WARNINGS = (
+    # manual optimisation: the checkpoint holds the state after the step, which is what resuming needs
+    (r"Using ModelCheckpoint with manual optimization and every_n_train_steps", UserWarning),
+    # lightning's own _pytree copy builds torch's deprecated LeafSpec (torch >= 2.10), not ours
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+)
+
+
+class _DropLightningTips(logging.Filter):
+    """Lightning's promotional tips ("💡 Tip: ... litlogger/litmodels") are not about this run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def intentional_eval_modules(model: nn.Module) -> int:
+    """How many modules of ``model`` are in eval mode on purpose after ``model.train()``: those inside a
+    frozen part (a submodule with parameters, none trainable: the EMA teacher, FD's ImageNet copy).
+    Lightning's "Found N module(s) in eval mode" warning is silenced for exactly this N, so any other
+    module left in eval mode (a bug) changes N and the warning shows."""
+    model.train()
+    frozen: set[int] = set()
+    for module in model.modules():
+        if id(module) in frozen:
+            continue
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            frozen.update(id(m) for m in module.modules())
+    return sum(1 for m in model.modules() if not m.training and id(m) in frozen)
+
+
+@contextmanager
+def quiet_known_noise() -> Iterator[None]:
+    """Inside: Lightning's messages that are not about the run (the promotional tips, its own deprecated
+    ``LeafSpec`` use, the manual-optimisation checkpoint note) are silenced, each by its own text.
+    The entry points (``task_wrapper``) run inside it; nothing else is filtered."""
+    tips = _DropLightningTips()
+    rank_zero_loggers = [
+        logging.getLogger(name)
+        for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+    ]
+    with warnings.catch_warnings():
+        for message, category in _INTENTIONAL_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        for lg in rank_zero_loggers:
+            lg.addFilter(tips)
+        try:
+            yield
+        finally:
+            for lg in rank_zero_loggers:
+                lg.removeFilter(tips)
+
+
+@contextmanager
+def quiet_intentional(model: nn.Module) -> Iterator[None]:
+    """Inside (the fit): Lightning's "Found N module(s) in eval mode at the start of training" is silenced
+    for exactly N = our teacher's and frozen copies' modules (:func:`intentional_eval_modules`)."""
+    n = intentional_eval_modules(model)
+    with warnings.catch_warnings():
+        if n:
+            warnings.filterwarnings(
+                "ignore",
+                message=rf"Found {n} module\(s\) in eval mode at the start of training",
+                category=PossibleUserWarning,
+            )
+        yield
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
