@@ -89,6 +89,7 @@ class StrongAugment:
         return _uniform(g, 0, 1), _uniform(g, 0, 1)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Augmented copy of ``images`` ``(B, 3, H, W)`` in [0, 1]; every draw from ``generator``."""
         coins: tuple[float, float] | None = None
         if self.draw == "run":
             coins = self.run_coins()

@@ -33,7 +33,10 @@ def block_mask(
 
 def apply_mask(images: torch.Tensor, keep: torch.Tensor, fill: torch.Tensor | float = 0.0) -> torch.Tensor:
     """Masked pixels take ``fill``; with ``fill`` = the normalisation mean this equals zeroing a
-    normalised image, which is what the official code does."""
+    normalised image, which is what the official code does.
+
+    ``images`` ``(B, C, H, W)``, ``keep`` ``(B, 1, H, W)`` from :func:`block_mask`, ``fill`` a float or a
+    ``(C,)`` tensor; returns ``(B, C, H, W)``."""
     if isinstance(fill, torch.Tensor):
         fill = fill.to(images).view(1, -1, 1, 1)
     return images * keep + fill * (1.0 - keep)

@@ -11,7 +11,8 @@ WeightType = Literal["fraction", "probability"]
 
 
 def pseudo_label_from_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(labels, confidence)`` = argmax and max of the softmax over dim 1, computed in float32."""
+    """``(labels, confidence)`` = argmax and max of the softmax over dim 1, computed in float32:
+    logits ``(B, C, H, W)`` -> two ``(B, H, W)`` tensors (``(B, C)`` -> two ``(B,)``)."""
     conf, labels = torch.softmax(logits.float(), dim=1).max(dim=1)
     return labels, conf
 
