@@ -1,6 +1,6 @@
 """Inject each fault into a tiny CPU run and check that the run reacts as it should.
 
-    python scripts/fault_check.py              # every fault but SIGTERM (~30 s on 2 cores)
+    python scripts/fault_check.py              # every fault but SIGTERM (~40 s on 2 cores)
     python scripts/fault_check.py --sigterm    # also SIGTERM to a real `python -m mic_uda.train` (+~20 s)
     python scripts/fault_check.py --keep /tmp/faults   # keep the generated data and run folders
 
@@ -127,8 +127,9 @@ def folder_cls(root: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------- running train()
-def compose(overrides: Sequence[str], out: Path) -> Any:
-    """The config ``python -m mic_uda.train <overrides>`` builds, with its run folder at ``out``."""
+def compose(overrides: Sequence[str], out: Path, config_name: str = "train") -> Any:
+    """The config ``python -m mic_uda.train <overrides>`` (``config_name="eval"``: ``mic_uda.evaluate``)
+    builds, with its run folder at ``out``."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -137,7 +138,7 @@ def compose(overrides: Sequence[str], out: Path) -> Any:
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = hydra_compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = cfg.paths.log_dir = str(out)
@@ -298,6 +299,65 @@ def check_weights_other_arch(work: Path) -> Check:
     )
 
 
+def check_weights_not_weights(work: Path) -> Check:
+    path = work / "mit_b0.pth"
+    path.write_text("<html>a download page saved instead of the file</html>\n")
+    return expect_error(
+        work,
+        lambda: run_train([*SYNTHETIC_SEG, *RUN, f"backbone.weights={path}"], work / "r14"),
+        ValueError,
+        str(path),
+        "is not a PyTorch/safetensors weights file",
+    )
+
+
+def run_evaluate(overrides: Sequence[str], out: Path) -> dict[str, float]:
+    from mic_uda.evaluate import evaluate
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return evaluate(
+            compose([*overrides, "trainer=cpu", "+trainer.enable_progress_bar=false"], out, "eval")
+        )
+
+
+def check_ckpt_not_a_checkpoint(work: Path) -> Check:
+    path = work / "notes.ckpt"
+    path.write_text("todo: evaluate the good run\n")
+    return expect_error(
+        work,
+        lambda: run_evaluate([f"ckpt_path={path}"], work / "e1"),
+        ValueError,
+        str(path),
+        "is not a checkpoint",
+    )
+
+
+def check_ckpt_other_task(work: Path) -> Check:
+    run_train([*SYNTHETIC_SEG, *RUN], work / "r15")  # a seg checkpoint of the embedded default
+    ckpt = work / "r15" / "checkpoints" / "last.ckpt"
+    return expect_error(
+        work,
+        lambda: run_evaluate([f"ckpt_path={ckpt}", "data=synthetic_cls"], work / "e2"),
+        ValueError,
+        "holds a seg model of 8 classes",
+        "data=synthetic_cls asks for a cls model of 6 classes",
+    )
+
+
+def check_convert_unmapped(work: Path) -> Check:
+    from mic_uda.convert import convert
+
+    path = work / "official.pth"
+    torch.save({"state_dict": {"model.backbone.foo.weight": torch.zeros(2)}, "meta": {"iter": 1}}, path)
+    return expect_error(
+        work,
+        lambda: convert(path, work / "ours.ckpt", "synthetic_seg_table"),
+        ValueError,
+        "unmapped official keys: model.backbone.foo.weight -> student.encoder.foo.weight",
+        "keys of ours not filled: student.encoder.patch_embed1.proj.weight",
+    )
+
+
 def check_cuda(work: Path) -> Check:
     if torch.cuda.is_available():
         return True, "skipped: this machine has a GPU (trainer=gpu is valid here)"
@@ -446,6 +506,18 @@ FAULTS: list[tuple[str, str, Callable[[Path], Check]]] = [
     ("wrong type in config", "error naming the key and the value", check_wrong_type),
     ("weights file missing", "error naming the path, no download", check_weights_missing),
     ("weights of another architecture", "error listing mismatched keys", check_weights_other_arch),
+    (
+        "weights file that is not weights",
+        "error naming the file: not a weights file",
+        check_weights_not_weights,
+    ),
+    ("evaluate: not a checkpoint", "one-line error naming the file", check_ckpt_not_a_checkpoint),
+    (
+        "evaluate: checkpoint of another task",
+        "one line: what it holds vs what is asked",
+        check_ckpt_other_task,
+    ),
+    ("convert: unmapped official keys", "error listing unmapped and unfilled keys", check_convert_unmapped),
     ("CUDA without a GPU (trainer=gpu)", "error suggesting trainer=cpu", check_cuda),
     ("non-finite loss", "step skipped and counted; N in a row stop", check_nonfinite),
     ("kill during checkpoint save", "previous last.ckpt intact", check_kill_during_save),
