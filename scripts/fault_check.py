@@ -371,7 +371,7 @@ def check_cuda(work: Path) -> Check:
 
 
 def check_nonfinite(work: Path) -> Check:
-    import mic_uda.tasks.seg as seg
+    import mic_uda.models.seg_base as seg  # every seg network loss goes through it
 
     one = [*SYNTHETIC_SEG, *RUN, "method=source_only", "trainer.max_steps=3", "trainer.val_check_interval=3"]
     with patched(seg, "weighted_cross_entropy", nan_after({1}, seg.weighted_cross_entropy)):
@@ -391,7 +391,7 @@ def check_nonfinite(work: Path) -> Check:
 
 
 def _with_nan(fn: Callable[[], Any]) -> Any:
-    import mic_uda.tasks.seg as seg
+    import mic_uda.models.seg_base as seg  # every seg network loss goes through it
 
     with patched(seg, "weighted_cross_entropy", nan_after(None, seg.weighted_cross_entropy)):
         return fn()

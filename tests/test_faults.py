@@ -17,7 +17,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-import mic_uda.tasks.seg as seg_module
+import mic_uda.models.seg_base as seg_module  # where every seg network loss is computed
 import mic_uda.train as train_module
 from mic_uda.data.bad_samples import SkipBadSamples
 from mic_uda.data.cls_files import ClassFolderDataset

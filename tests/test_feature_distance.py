@@ -103,7 +103,9 @@ def test_fd_term_trains_through_the_entry_point(backbone: str, make_cfg, tmp_pat
 
     model = load_module(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
     saved = torch.load(weights)  # the reference is still the ImageNet file after training
-    assert all(torch.equal(model.fd.imagenet.encoder.state_dict()[k], v) for k, v in saved.items())
+    assert all(
+        torch.equal(model.terms["fd"].fd.imagenet.encoder.state_dict()[k], v) for k, v in saved.items()
+    )
 
 
 def test_fd_without_a_weights_file_is_a_clear_error(make_cfg) -> None:
@@ -131,5 +133,7 @@ def test_init_from_student_is_not_overwritten_by_the_imagenet_file_but_fd_compar
     model.setup("fit")
     assert all(torch.equal(model.student.encoder.state_dict()[k], v) for k, v in trained.items())
     saved = torch.load(weights)
-    assert all(torch.equal(model.fd.imagenet.encoder.state_dict()[k], v) for k, v in saved.items())
+    assert all(
+        torch.equal(model.terms["fd"].fd.imagenet.encoder.state_dict()[k], v) for k, v in saved.items()
+    )
     assert not all(torch.equal(trained[k], v) for k, v in saved.items())  # the burn-in moved the encoder

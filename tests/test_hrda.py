@@ -266,8 +266,9 @@ def test_fd_with_hrda_reads_the_lr_context(make_cfg, monkeypatch, tmp_path) -> N
     module, batch = _module_and_batch(
         make_cfg, ["method=dacs", "+method.fd={weight:0.005,classes:[5,6]}", f"backbone.weights={weights}"]
     )
-    fd_spy = Spy(module.fd.forward)
-    monkeypatch.setattr(module.fd, "forward", fd_spy)
+    fd = module.terms["fd"].fd
+    fd_spy = Spy(fd.forward)
+    monkeypatch.setattr(fd, "forward", fd_spy)
     _run_terms(module, batch, monkeypatch)
     images, labels, last = fd_spy.calls[0][0]
     assert images.shape[-2:] == (32, 32) and labels.shape[-2:] == (64, 64)  # LR image, full label

@@ -87,7 +87,7 @@ def test_mic_masked_batch_follows_the_official_mask_modes(images: str, make_cfg)
     module = instantiate(cfg.task.module, _recursive_=False)
     src = {"image": torch.rand(2, 3, 4, 4), "label": torch.randint(0, 3, (2, 4, 4))}
     x_t, pl, w = torch.rand(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4)), torch.full((2, 4, 4), 0.3)
-    x, y, weight = module._mic_inputs(src, x_t, pl, w)
+    x, y, weight = module.terms["mic"].inputs(src, x_t, pl, w)
     if images == "target":
         assert x is x_t and y is pl and weight is w
     elif images == "source":
@@ -102,10 +102,10 @@ def test_mic_masked_batch_follows_the_official_mask_modes(images: str, make_cfg)
 def test_mic_augment_switch_decides_whether_the_masked_images_are_augmented(
     augment: bool, make_cfg, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mic_uda.tasks.seg import SegUDAModule
+    from mic_uda.tasks.seg_terms import MaskedConsistencyTerm
 
     calls: list[int] = []
-    real = SegUDAModule._mic_term
+    real = MaskedConsistencyTerm.forward
 
     def spy(self, *args, **kwargs):
         before = len(calls_aug)
@@ -120,7 +120,7 @@ def test_mic_augment_switch_decides_whether_the_masked_images_are_augmented(
     monkeypatch.setattr(
         aug_module.StrongAugment, "__call__", lambda self, x, g: calls_aug.append(1) or real_call(self, x, g)
     )
-    monkeypatch.setattr(SegUDAModule, "_mic_term", spy)
+    monkeypatch.setattr(MaskedConsistencyTerm, "forward", spy)
     fit(make_cfg, ["method=mic", f"method.mic.augment={str(augment).lower()}"])
     assert calls == [1 if augment else 0]
 

@@ -155,20 +155,23 @@ class UDAModuleBase(L.LightningModule):
             for sched in _as_list(self.lr_schedulers()):
                 sched.step()
         if finite and self.teacher is not None:
-            logs["train/ema_alpha"] = torch.tensor(
-                ema_update(
-                    self.teacher,
-                    self.student,
-                    self.global_step,
-                    self.method.teacher.alpha,
-                    average_buffers=self.method.teacher.bn == "running",
-                )
+            alpha = ema_update(
+                self.teacher,
+                self.student,
+                self.global_step,
+                self.method.teacher.alpha,
+                average_buffers=self.method.teacher.bn == "running",
             )
+            self.after_ema(alpha)
+            logs["train/ema_alpha"] = torch.tensor(alpha)
         logs["train/lr"] = torch.tensor(opts[0].param_groups[0]["lr"])
         logs["train/skipped_steps"] = torch.tensor(float(self.skipped_steps))
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False)
         total = sum(v for k, v in losses.items()) if finite else torch.tensor(float("nan"))
         self.log("train/loss", total, prog_bar=True)
+
+    def after_ema(self, alpha: float) -> None:
+        """After each EMA update of the teacher (a task's terms may keep momentum copies of their own)."""
 
     # ----------------------------------------------------------------- optimiser
     def trainable_modules(self) -> dict[str, nn.Module]:

@@ -1,7 +1,8 @@
 """Semantic-segmentation UDA: one LightningModule for source-only, oracle, DACS and MIC.
 
-The student, its EMA teacher and the method's loss terms live here; the maths is in
-:mod:`mic_uda.uda`. Methods switch terms on (``mix``, ``mic``) through :class:`MethodConfig`.
+The student and its EMA teacher live here; the method's loss terms are modules of their own
+(:mod:`mic_uda.tasks.seg_terms`, called through one :class:`SegStep` per step), the maths is in
+:mod:`mic_uda.uda`. Methods switch terms on (``fd``, ``mix``, ``mic``) through :class:`MethodConfig`.
 Manual optimisation: each term is back-propagated as soon as it is computed (as the official code
 does), so only one graph is alive at a time, then one optimiser step and the fused EMA update.
 """
@@ -19,10 +20,8 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from mic_uda.models.seg_base import SegNetwork
 from mic_uda.tasks.base import UDAModuleBase
+from mic_uda.tasks.seg_terms import SegStep, build_seg_terms
 from mic_uda.uda.bn import frozen_bn_statistics
-from mic_uda.uda.feature_distance import ImageNetFeatureDistance
-from mic_uda.uda.masking import apply_mask, block_mask
-from mic_uda.uda.mixing import classmix_masks, mix
 from mic_uda.uda.pseudo_label import confidence_weight, pseudo_label_from_logits
 from mic_uda.utils.metrics import format_iou_table, iou_from_confusion, mean_iou
 
@@ -84,22 +83,25 @@ class SegUDAModule(UDAModuleBase):
             }
         )
         self.last_iou: dict[str, torch.Tensor] = {}
-        self.fd: ImageNetFeatureDistance | None = None
-        if self.method.fd is not None:
-            f = self.method.fd
-            self.fd = ImageNetFeatureDistance(
-                f.weight, f.classes, f.scale_min_ratio, num_classes, ignore_index
-            )
-            self.fd.build_reference(self.student, None)  # the ImageNet weights are loaded in setup
+        # the method's loss terms (mic_uda.tasks.seg_terms): built from the config, called in order
+        self.terms = build_seg_terms(self.method, num_classes, ignore_index, self.student)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if stage == "fit" and self.fd is not None:
-            if not self.pretrained_weights:
-                raise ValueError(
-                    "method.fd compares with the ImageNet encoder: it needs backbone.weights (a local file)"
-                )
-            self.fd.load_reference(self.pretrained_weights)  # resuming restores it too
+        if stage == "fit":
+            for term in self.terms.values():
+                term.setup_fit(self.pretrained_weights)
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """The student and the terms' own parameters (projection heads, auxiliary classifiers, ...)."""
+        trainable: dict[str, nn.Module] = {"student": self.student}
+        if any(p.requires_grad for p in self.terms.parameters()):
+            trainable["terms"] = self.terms
+        return trainable
+
+    def after_ema(self, alpha: float) -> None:
+        for term in self.terms.values():
+            term.after_ema(alpha)
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch: Mapping[str, Mapping[str, torch.Tensor]], batch_idx: int) -> None:
@@ -107,112 +109,62 @@ class SegUDAModule(UDAModuleBase):
         assert g is not None, "setup() creates the generator"
         src, tgt = batch["source"], batch["target"]
         sup = tgt if m.needs_target_labels else src
-        logs: dict[str, torch.Tensor] = {}
-
-        # the network answers for its own loss (HRDA: its multi-resolution loss) and, for FD, for
-        # the features of that very pass (HRDA: the low-resolution context)
-        views = self.fd is not None
-        out = self.student.train_loss(
-            sup["image"], sup["label"], ignore_index=self.ignore_index, generator=g, with_views=views
+        source_terms = [(n, t) for n, t in self.terms.items() if t.stage == "source"]
+        target_terms = [(n, t) for n, t in self.terms.items() if t.stage == "target"]
+        step = SegStep(
+            source=src,
+            target=tgt,
+            student=self.student,
+            teacher=self.teacher,
+            generator=g,
+            step=self.global_step,
+            max_steps=int(self.trainer.max_steps or 0) if self._trainer is not None else 0,
+            ignore_index=self.ignore_index,
+            augment=self.augment,
+            mask_fill=self.mask_fill(),
         )
-        loss = out.loss
+        logs = step.logs
+        # the network answers for its own loss (HRDA: its multi-resolution loss) and, for the source
+        # terms, for the feature views of that very pass (HRDA: LR context, HR detail)
+        views = any(t.needs_views for _, t in source_terms)
+        step.source_pass = step.network_loss(sup["image"], sup["label"], with_views=views)
+        loss = step.source_pass.loss
         logs["train/loss_sup"] = loss.detach()
-        logs.update(out.logs)
-        if self.fd is not None:
-            context = out.views["context"]
-            fd, fd_mask = self.fd(context.image, context.labels, context.stages[-1])
-            logs["train/loss_fd"] = fd.detach()
-            logs["train/fd_cells"] = fd_mask.float().mean() if fd_mask is not None else torch.tensor(1.0)
-            logs["train/fd_memory_mb"] = torch.tensor(self.fd.memory_bytes() / 2**20)
-            loss = loss + fd
+        logs.update(step.source_pass.logs)
+        for name, term in source_terms:
+            term_loss = term(step)
+            logs[f"train/loss_{name}"] = term_loss.detach()
+            loss = loss + term_loss
         self.manual_backward(loss)
+        step.source_pass = None  # its graph is freed
 
         if self.teacher is not None:
             x_t = tgt["image"]
             with torch.no_grad():
-                pl, conf = pseudo_label_from_logits(self.teacher(x_t))
+                if any(t.needs_teacher_features for _, t in target_terms):
+                    step.teacher_logits, step.teacher_stages = self.teacher.forward_with_features(x_t)
+                else:
+                    step.teacher_logits = self.teacher(x_t)
+                pl, conf = pseudo_label_from_logits(step.teacher_logits)
             pc = m.pseudo_label
             weight = confidence_weight(
                 conf, pc.threshold, pc.weight_scope, pc.ignore_top, pc.ignore_bottom, pc.weight_type
             )
             if "valid_mask" in tgt:  # pseudo-label margins of the uncropped frame (data.pseudo_margins)
                 weight = weight * tgt["valid_mask"].to(weight)
+            step.pseudo_label, step.pseudo_weight = pl, weight
             logs["train/pseudo_weight"] = weight.mean()
             # label-free health check: the share of each class in the pseudo-labels (a class that
             # never appears cannot be learned by self-training; a collapsing class shows here first)
             share = torch.bincount(pl.flatten(), minlength=self.num_classes).float() / pl.numel()
             logs.update({f"train/pl_share_{c}": s for c, s in zip(self.class_names, share)})
             with frozen_bn_statistics(self.student, enabled=m.student_bn == "source"):
-                if m.mix is not None:
-                    logs["train/loss_mix"] = self._mix_term(src, x_t, pl, weight, g)
-                if m.mic is not None:
-                    logs["train/loss_mic"] = self._mic_term(src, x_t, pl, weight, g)
+                for name, term in target_terms:
+                    term_loss = term(step)
+                    self.manual_backward(term_loss)
+                    logs[f"train/loss_{name}"] = term_loss.detach()
 
         self.finish_step(logs)
-
-    def _mix_term(
-        self,
-        src: Mapping[str, torch.Tensor],
-        x_t: torch.Tensor,
-        pl: torch.Tensor,
-        weight: torch.Tensor,
-        g: torch.Generator,
-    ) -> torch.Tensor:
-        """DACS: ClassMix source classes onto the target, strong aug, weighted CE to the mixed label."""
-        mc = self.method.mix
-        mask = classmix_masks(src["label"], g, self.ignore_index, mc.classes, mc.include_ignore).to(x_t)
-        x_m = self.augment(mix(mask, src["image"], x_t), g)
-        y_m = mix(mask, src["label"], pl)
-        w_m = mix(mask, torch.ones_like(weight), weight)
-        loss = self.method.mix.weight * self._network_loss(x_m, y_m, w_m, g)
-        self.manual_backward(loss)
-        return loss.detach()
-
-    def _mic_term(
-        self,
-        src: Mapping[str, torch.Tensor],
-        x_t: torch.Tensor,
-        pl: torch.Tensor,
-        weight: torch.Tensor,
-        g: torch.Generator,
-    ) -> torch.Tensor:
-        """MIC: a fresh strong aug of the images (``mic.images``: the target with its clean-image
-        pseudo-label and weight by default), block-masked, against those labels."""
-        mc = self.method.mic
-        images, labels, weights = self._mic_inputs(src, x_t, pl, weight)
-        b, _, h, w = images.shape
-        keep = block_mask(b, h, w, mc.block_size, mc.ratio, g, device=images.device).to(images.dtype)
-        if mc.augment:
-            images = self.augment(images, g)
-        x_k = apply_mask(images, keep, self.mask_fill())
-        loss = mc.weight * self._network_loss(x_k, labels, weights, g)
-        self.manual_backward(loss)
-        return loss.detach()
-
-    def _network_loss(
-        self, images: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None, g: torch.Generator
-    ) -> torch.Tensor:
-        """The student's own training loss for (images, labels, weight): every term goes through here."""
-        out = self.student.train_loss(images, labels, weight, ignore_index=self.ignore_index, generator=g)
-        return out.loss
-
-    def _mic_inputs(
-        self, src: Mapping[str, torch.Tensor], x_t: torch.Tensor, pl: torch.Tensor, weight: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The masked batch of the official ``mask_mode``s: target, source, or the first half of the
-        batch from the source (ground truth, weight 1) and the rest from the target."""
-        mode = self.method.mic.images
-        if mode == "target":
-            return x_t, pl, weight
-        if mode == "source":
-            return src["image"], src["label"], None
-        k = x_t.shape[0] // 2  # source images; the other n target images
-        n = x_t.shape[0] - k
-        return (
-            torch.cat([src["image"][:k], x_t[:n]]),
-            torch.cat([src["label"][:k], pl[:n]]),
-            torch.cat([torch.ones_like(weight[:k]), weight[:n]]),
-        )
 
     # ----------------------------------------------------------------- evaluation
     def _eval_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
