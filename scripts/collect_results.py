@@ -12,6 +12,13 @@ repeated) picks keys explicitly, e.g. ``--metric test/teacher/mIoU`` or the Optu
 differ only in ``seed`` are averaged, runs whose command-line overrides differ in anything else (an
 Optuna trial's sampled values, ``method.mic.ratio=0.5,0.7``) get their own row with an ``overrides``
 column. The wall time of a run is the time from its ``.hydra/config.yaml`` to its ``metrics.json``.
+
+``--plot DIR`` also draws the figures of the same runs into DIR (``mic_uda.plots``): per-class IoU /
+accuracy / AP50 as grouped bars (one group per class and the mean, one bar per method, error bars =
+std over seeds) and the validation metric of student and teacher against the training step from each
+run's ``csv/metrics.csv`` (mean line, min-max band over seeds); one PNG + one SVG each, and
+``figures.json`` with the numbers behind them. ``--plot-net`` picks the network of the bars (default:
+each run's handed-over model, the network of its primary metric).
 """
 
 from __future__ import annotations
@@ -21,13 +28,15 @@ import csv
 import json
 import math
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import yaml
 
-#: primary metric of runs whose metrics.json predates the "primary_metric" entry
-DEFAULT_PRIMARY = {"seg": "test/mIoU", "cls": "test/acc", "det": "test/mAP50"}
+# the run grouping and the primary metric are shared with the figures
+from mic_uda.plots import NETS, differing_overrides, write_figures
+from mic_uda.plots import run_primary as primary_metric
 
 FIELDS = ["task", "data", "method", "overrides", "metric", "n", "seeds", "mean", "std", "values", "wall_min"]
 
@@ -59,22 +68,11 @@ def load_runs(roots: list[Path]) -> list[dict]:
     return runs
 
 
-def primary_metric(run: dict) -> str:
-    """The run's own primary metric, else the task's default, else whichever known key it has."""
-    if run.get("primary_metric"):
-        return run["primary_metric"]
-    if run.get("task") in DEFAULT_PRIMARY:
-        return DEFAULT_PRIMARY[run["task"]]
-    return next((m for m in DEFAULT_PRIMARY.values() if m in run.get("metrics", {})), "test/mIoU")
-
-
 def summarise(runs: list[dict], metrics: list[str] | None = None) -> list[dict]:
     """One row per (task, data, method, overrides, metric): n, seeds, mean, std, per-seed values, wall."""
     # overrides every run shares (e.g. trainer.max_steps=2000 of the whole sweep) distinguish nothing
-    common = set.intersection(*(set(r.get("overrides", [])) for r in runs)) if runs else set()
     groups: dict[tuple[str, str, str, str], list[dict]] = defaultdict(list)
-    for r in runs:
-        differing = " ".join(sorted(set(r.get("overrides", [])) - common))
+    for r, differing in zip(runs, differing_overrides(runs)):
         groups[(r.get("task", "seg"), r.get("data", "?"), r.get("method", "?"), differing)].append(r)
     rows = []
     for (task, data, method, overrides), rs in sorted(groups.items()):
@@ -128,6 +126,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--metric", action="append", help="metric key(s) (default: each run's primary_metric)")
     p.add_argument("--csv", type=Path, help="also write the table as CSV")
     p.add_argument("--md", type=Path, help="also write the table as Markdown")
+    p.add_argument("--plot", type=Path, metavar="DIR", help="also draw the figures (PNG + SVG) into DIR")
+    p.add_argument(
+        "--plot-net",
+        default="handover",
+        choices=NETS,
+        help="network of the per-class bars (default: each run's handed-over model)",
+    )
     args = p.parse_args(argv)
     runs = load_runs(args.roots)
     if not runs:
@@ -139,6 +144,9 @@ def main(argv: list[str] | None = None) -> None:
         args.md.write_text(table + "\n")
     if args.csv:
         write_csv(rows, args.csv)
+    if args.plot:
+        for stem in write_figures(runs, args.plot, args.plot_net):
+            print(f"wrote {args.plot / stem}.png and .svg", file=sys.stderr)
 
 
 if __name__ == "__main__":
