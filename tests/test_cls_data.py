@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_layouts import class_tree, write_image
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
@@ -17,23 +18,6 @@ from mic_uda.data.cls_files import ClassFolderDataset
 from mic_uda.data.synthetic_cls import SHAPES, SyntheticClsDataset
 
 DIGITS = Path(__file__).parents[1] / ".." / "shared" / "data" / "digits"
-
-
-def write_image(path: Path, size: int, value: int | tuple[int, int, int], mode: str = "RGB") -> Path:
-    """A solid image; ``value`` is a grey level for mode "L"."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new(mode, (size, size), value).save(path)
-    return path
-
-
-def class_tree(
-    root: Path, classes: list[str], per_class: int = 2, size: int = 20, suffix: str = ".jpg"
-) -> Path:
-    """``root/<class>/<i><suffix>``, class k solid grey 40 + 60 k (recognisable after any crop)."""
-    for k, cls in enumerate(classes):
-        for i in range(per_class):
-            write_image(root / cls / f"{i:03d}{suffix}", size, (40 + 60 * k,) * 3)
-    return root
 
 
 @pytest.fixture

@@ -4,13 +4,13 @@ recipes) on tiny fixtures written in each layout: loading, id mapping, and error
 from __future__ import annotations
 
 import json
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from data_layouts import random_rgb, write_png16
+from data_layouts import write_png as _write
 from PIL import Image
 
 from mic_uda.data.acdc import ACDC
@@ -22,30 +22,8 @@ from mic_uda.data.synthia import SYNTHIA, SYNTHIA_13_CLASSES, SYNTHIA_16_CLASSES
 SHAPE = (12, 16)
 
 
-def _write(path: Path, array: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-    return path
-
-
 def _rgb(seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 255, (*SHAPE, 3), dtype=np.uint8)
-
-
-def write_png16(path: Path, array: np.ndarray) -> Path:
-    """A 16-bit RGB PNG (what SYNTHIA ships; PIL cannot write it), by hand: IHDR + one IDAT + IEND."""
-    h, w, _ = array.shape
-    raw = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(h))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
-    )
-    return path
+    return random_rgb(SHAPE, seed)
 
 
 # --- SYNTHIA -------------------------------------------------------------------------------------
