@@ -1,7 +1,8 @@
 """`python -m mic_uda.evaluate ckpt_path=... [data=...]`: a checkpoint on a target split.
 
 The model is rebuilt from the checkpoint alone (its hyper-parameters carry the network and method
-config); the data group picks the split. Prints per-class IoU; optional colourised PNGs.
+config); the data group picks the split. Prints per-class IoU; optional colourised PNGs;
+``export=cityscapes|trainid`` writes the benchmark servers' PNGs (mic_uda/export.py).
 ``bn_stats=target`` first re-estimates the BatchNorm running statistics of the student (and of a
 ``running`` teacher) on the unlabelled target training images (AdaBN), never reading a target label.
 """
@@ -19,6 +20,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from mic_uda.callbacks import SegPredictionWriter
+from mic_uda.export import BenchmarkExport
 from mic_uda.handover import adapt_bn_to_target
 from mic_uda.utils.checkpointing import check_checkpoint_fits
 from mic_uda.utils.hydra_utils import CONFIG_DIR, as_float_dict, register_resolvers, task_wrapper, write_json
@@ -61,14 +63,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.bn_stats == "target":
         adapt_bn_to_target(model, datamodule, seed=cfg.seed)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
-    trainer.test(model, datamodule=datamodule, verbose=False)
-    metrics = as_float_dict(trainer.callback_metrics)
+    export = BenchmarkExport.from_config(cfg, model, datamodule)  # None unless export=... (checked now)
+    metrics: dict[str, float] = {}
+    if export is None or export.labelled:  # a benchmark test split has no labels: exported, not scored
+        trainer.test(model, datamodule=datamodule, verbose=False)
+        metrics = as_float_dict(trainer.callback_metrics)
+    exported = export.run(cfg.trainer) if export is not None else None
     if trainer.is_global_zero:
-        print(f"\nEvaluation of {cfg.ckpt_path} on {cfg.data.name}:")
-        print(model.result_table())
+        if export is None or export.labelled:
+            print(f"\nEvaluation of {cfg.ckpt_path} on {cfg.data.name}:")
+            print(model.result_table())
         write_json(
             Path(cfg.paths.output_dir) / "metrics.json",
-            {"metrics": metrics, "ckpt_path": str(cfg.ckpt_path), "data": cfg.data.name},
+            {"metrics": metrics, "ckpt_path": str(cfg.ckpt_path), "data": cfg.data.name}
+            | ({"export": exported} if exported is not None else {}),
         )
     return metrics
 
