@@ -305,8 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line; config overrides may come before or after the options."""
+    return build_parser().parse_intermixed_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         summary = convert(args.official, args.to, args.preset, args.overrides)
     except (ValueError, FileNotFoundError) as err:

@@ -259,6 +259,9 @@ def test_cli_reports_errors_in_one_line_and_success_with_the_evaluate_command(tm
     assert main([str(text), "--to", str(tmp_path / "o.ckpt"), "--preset", "synthetic_seg_table"]) == 1
     assert "is not a PyTorch checkpoint file" in capsys.readouterr().err
     src = official_file(tmp_path / "ok.pth", daformer_segmentor(64, 8, 0), daformer_segmentor(64, 8, 1))
-    assert main([str(src), "--to", str(tmp_path / "o.ckpt"), "--preset", "synthetic_seg_table"]) == 0
+    # overrides after the options, as in the README
+    argv = [str(src), "--to", str(tmp_path / "o.ckpt"), "--preset", "synthetic_seg_table", "seed=3"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert f"python -m mic_uda.evaluate ckpt_path={tmp_path / 'o.ckpt'} data=synthetic_seg" in out
+    assert load_module(tmp_path / "o.ckpt").hparams.seed == 3
