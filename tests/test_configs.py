@@ -87,7 +87,11 @@ def _targets(node: object):
             yield from _targets(v)
 
 
-SHARED_METHODS = [o for o in options("method") if o != "dacs" and task_of("method", o) is None]
+# segmentation-only: DACS and the seed methods built on it (PiPa, RCCR, IR2F terms are seg terms)
+SEG_ONLY_METHODS = {"dacs"} | {
+    o for o in options("method") if o.rsplit("_", 1)[-1] in ("pipa", "rccr", "ir2f")
+}
+SHARED_METHODS = [o for o in options("method") if o not in SEG_ONLY_METHODS and task_of("method", o) is None]
 
 
 @pytest.mark.parametrize("task", ["cls", "det"])

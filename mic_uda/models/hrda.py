@@ -230,6 +230,14 @@ class HRDANet(SegNetwork):
 
     def forward(self, x: Tensor) -> Tensor:
         """Fused logits at ``x``'s size: LR context + HR detail over the whole image (no crop mask)."""
+        return self.forward_with_features(x)[0]
+
+    def forward_with_features(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """:meth:`forward`'s fused logits at ``x``'s size and the stage features of its **LR context**
+        pass (the image resized by ``lr_scale``, so each stage's stride relative to ``x`` is the base
+        network's divided by ``lr_scale``: 8, 16, 32, 64 for MiT at 0.5). Terms that ask for the
+        features of a whole image (PiPa's patch contrast, RCCR, IR2F) get the context; the detail
+        crop's features of a training pass are ``train_loss(..., with_views=True).views["detail"]``."""
         lr_img = _resize(x, self.lr_scale)
         lr_features = self.base.forward_features(lr_img)
         lr_logits = self.base.decode(lr_features)
@@ -238,7 +246,8 @@ class HRDANet(SegNetwork):
         else:
             hr_logits = self.base.decode(self.base.forward_features(x))
         fused = fuse_scales(lr_logits, hr_logits, self._attention(lr_features), 1 / self.lr_scale)
-        return F.interpolate(fused, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        fused = F.interpolate(fused, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return fused, list(lr_features)
 
     def predict(self, x: Tensor) -> Tensor:
         """``forward`` over the outer sliding windows (``test_crop_size``), averaged at full resolution."""

@@ -157,10 +157,16 @@ class MethodConfig:
     mcc: MccConfig | None = None  # minimum class confusion (cls: SDAT)
     sam: SamConfig | None = None  # sharpness-aware task loss (cls: SDAT)
     sada: SadaConfig | None = None  # image/instance domain alignment (det: SADA)
+    # seg seed methods: their blocks are the constructor arguments of their terms (mic_uda.tasks.
+    # seg_terms: PipaTerms / RegionalContrastTerm / IR2FTerm), checked there by name at start-up;
+    # pipa has two sub-blocks, `pixel` (source) and `patch` (target)
+    pipa: dict[str, Any] | None = None  # PiPa pixel + patch contrast (SPEC 5)
+    rccr: dict[str, Any] | None = None  # RCCR regional contrast, momentum head, bank (SPEC 6)
+    ir2f: dict[str, Any] | None = None  # IR2F, our interpretation (SPEC 7): INR + mixture loss
 
     @property
     def needs_teacher(self) -> bool:
-        return self.mix is not None or self.mic is not None
+        return any(getattr(self, t) is not None for t in ("mix", "mic", "pipa", "rccr", "ir2f"))
 
     @property
     def needs_target_labels(self) -> bool:
@@ -207,7 +213,7 @@ def parse_method(cfg: Any) -> MethodConfig:
     return method
 
 
-OPTIONAL_TERMS = ("mix", "mic", "fd", "cdan", "mcc", "sam", "sada")
+OPTIONAL_TERMS = ("mix", "mic", "fd", "cdan", "mcc", "sam", "sada", "pipa", "rccr", "ir2f")
 
 
 def check_terms(method: MethodConfig, supported: tuple[str, ...], task: str) -> None:

@@ -29,7 +29,7 @@ from mic_uda.utils.metrics import format_iou_table, iou_from_confusion, mean_iou
 class SegUDAModule(UDAModuleBase):
     """Student + EMA teacher for segmentation UDA (source-only, oracle, DACS, MIC)."""
 
-    supported_terms = ("mix", "mic", "fd")
+    supported_terms = ("mix", "mic", "fd", "pipa", "rccr", "ir2f")
     primary_metric = "mIoU"
 
     def __init__(
@@ -161,7 +161,8 @@ class SegUDAModule(UDAModuleBase):
             with frozen_bn_statistics(self.student, enabled=m.student_bn == "source"):
                 for name, term in target_terms:
                     term_loss = term(step)
-                    self.manual_backward(term_loss)
+                    if term_loss.requires_grad:  # a term before its start returns a plain zero
+                        self.manual_backward(term_loss)
                     logs[f"train/loss_{name}"] = term_loss.detach()
 
         self.finish_step(logs)

@@ -19,17 +19,24 @@ A new method = one term (here or in its own module, registered in :data:`TERMS`)
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mic_uda.models.seg_base import SegNetwork, SegTrainOutput
+from mic_uda.uda.contrastive import nearest_labels
 from mic_uda.uda.feature_distance import ImageNetFeatureDistance
+from mic_uda.uda.ir2f import IR2F, mixture_nll, posterior_weight
 from mic_uda.uda.masking import apply_mask, block_mask
-from mic_uda.uda.mixing import classmix_masks, mix
+from mic_uda.uda.mixing import CLASSMIX_CLASSES, classmix_masks, mix
+from mic_uda.uda.pipa import PatchContrast, PixelContrast
+from mic_uda.uda.rccr import OFFICIAL_START_SHARE, RegionalContrast
 
 
 @dataclass
@@ -180,6 +187,272 @@ class MaskedConsistencyTerm(SegTerm):
         )
 
 
+# ------------------------------------------------------------------ PiPa, RCCR, IR2F (SPEC 5-7)
+# Adapters of the maths modules of mic_uda.uda.{pipa,rccr,ir2f}: they fill what the network and the
+# run know (stage channels, classes, ignore label, max_steps) and pass each step what the modules'
+# docstrings ask for. Features come only through the network's seam: the supervised pass's views and
+# ``forward_with_features`` (DAFormerNet / DeepLabV2Net: one pass; HRDANet: its LR-context pass).
+
+
+def term_arguments(cls: type, cfg: Mapping[str, Any] | None, key: str, filled: Mapping[str, Any]) -> dict:
+    """``cls``'s constructor arguments from a method block ``method.<key>``: an unknown name is a
+    one-line error naming it; ``filled`` (from the network / the run) is used where the block has
+    no value (absent or null)."""
+    params = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+    given = dict(cfg or {})
+    for name in given:
+        if name not in params:
+            allowed = [p for p in params if p not in filled]
+            raise ValueError(f"method.{key}.{name} is not an argument of {cls.__name__} (allowed: {allowed})")
+    kwargs = {k: v for k, v in filled.items() if k in params}
+    kwargs.update({k: v for k, v in given.items() if v is not None or k not in filled})
+    return kwargs
+
+
+def stage_channels(network: nn.Module) -> tuple[int, ...]:
+    """The channels of the network's encoder stages, finest first (``feature_network.feature_channels``)."""
+    channels = getattr(getattr(network, "feature_network", network), "feature_channels", None)
+    if channels is None:
+        raise ValueError(
+            f"{type(network).__name__} declares no feature_network.feature_channels: PiPa / RCCR / IR2F need "
+            "a network with stage features (DAFormerNet, DeepLabV2Net, HRDANet)"
+        )
+    return tuple(int(c) for c in channels)
+
+
+def run_max_steps(step: SegStep, fixed: int | None, key: str) -> int:
+    """``method.<key>.max_steps`` if set, else the run's ``trainer.max_steps``."""
+    n = int(fixed or step.max_steps or 0)
+    if n <= 0:
+        raise ValueError(f"method.{key}.max_steps: the run has no trainer.max_steps > 0; set one of them")
+    return n
+
+
+def log_term(step: SegStep, prefix: str, logs: Mapping[str, Any]) -> None:
+    for k, v in logs.items():
+        step.logs[f"train/{prefix}_{k}"] = (
+            v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+        )
+
+
+class PixelContrastTerm(SegTerm):
+    """PiPa's pixel contrast (:class:`~mic_uda.uda.pipa.PixelContrast`) on the supervised pass's
+    ``detail`` view: the stages of the image the head saw and the labels of that same field of view
+    (HRDA: the detail crop and its cropped label, SPEC 5's fix of the official uncropped label)."""
+
+    stage = "source"
+    needs_views = True
+    needs_teacher = False
+
+    def __init__(
+        self, cfg: Mapping[str, Any], num_classes: int, ignore_index: int, network: nn.Module
+    ) -> None:
+        super().__init__()
+        filled = {
+            "stage_channels": stage_channels(network),
+            "num_classes": num_classes,
+            "ignore_index": ignore_index,
+        }
+        self.pixel = PixelContrast(**term_arguments(PixelContrast, cfg, "pipa.pixel", filled))
+
+    def forward(self, step: SegStep) -> Tensor:
+        assert step.source_pass is not None
+        view = step.source_pass.views["detail"]
+        loss, logs = self.pixel(view.stages, view.labels, step.generator)
+        log_term(step, "pipa_pixel", logs)
+        return loss
+
+
+class PatchContrastTerm(SegTerm):
+    """PiPa's patch contrast (:class:`~mic_uda.uda.pipa.PatchContrast`) on the UDA target batch, with
+    the student's and the EMA teacher's ``forward_with_features``. Its start: ``start_fraction`` of
+    the run's max_steps (the official 10k of 60k scaled to any schedule), else ``start_step``; before
+    it the loss is a zero without graph (not back-propagated)."""
+
+    def __init__(
+        self, cfg: Mapping[str, Any], num_classes: int, ignore_index: int, network: nn.Module
+    ) -> None:
+        super().__init__()
+        cfg = dict(cfg)
+        self.fixed_max_steps = cfg.get("max_steps")
+        self.start_fraction = cfg.get("start_fraction")
+        filled = {
+            "stage_channels": stage_channels(network),
+            "num_classes": num_classes,
+            "max_steps": self.fixed_max_steps or 1,  # the run's, set at each step (below)
+        }
+        self.patch = PatchContrast(**term_arguments(PatchContrast, cfg, "pipa.patch", filled))
+
+    def forward(self, step: SegStep) -> Tensor:
+        if self.start_fraction is not None:
+            self.patch.start = round(
+                self.start_fraction * run_max_steps(step, self.fixed_max_steps, "pipa.patch")
+            )
+        assert step.teacher is not None
+        loss, logs = self.patch(
+            step.target["image"],
+            step.student.forward_with_features,
+            step.teacher.forward_with_features,
+            step.step,
+            step.generator,
+            step.augment,
+        )
+        log_term(step, "pipa_patch", logs)
+        return loss
+
+
+def _pipa(
+    cfg: Mapping[str, Any], num_classes: int, ignore_index: int, network: nn.Module
+) -> dict[str, SegTerm]:
+    cfg = dict(cfg)
+    unknown = set(cfg) - {"pixel", "patch"}
+    if unknown:
+        raise ValueError(f"method.pipa.{sorted(unknown)[0]} is not a PiPa term (allowed: ['pixel', 'patch'])")
+    terms: dict[str, SegTerm] = {}
+    if cfg.get("pixel") is not None:
+        terms["pipa_pixel"] = PixelContrastTerm(cfg["pixel"], num_classes, ignore_index, network)
+    if cfg.get("patch") is not None:
+        terms["pipa_patch"] = PatchContrastTerm(cfg["patch"], num_classes, ignore_index, network)
+    return terms
+
+
+class RegionalContrastTerm(SegTerm):
+    """RCCR (:class:`~mic_uda.uda.rccr.RegionalContrast`): the teacher's logits and stages of the clean
+    target come from the pseudo-label pass (``needs_teacher_features``), the student's from
+    ``forward_with_features`` of the mixed image; the momentum head follows the network's EMA with the
+    same alpha (:meth:`after_ema`). ``feature_stride: null``: the stride of stage ``stage``, read from
+    the teacher's features each step (8 for DeepLabV2's layer4, 32 for MiT's last stage; HRDA's
+    context pass doubles it). ``max_steps: null``: the run's (the ramp's T, the official start)."""
+
+    needs_teacher_features = True
+
+    def __init__(
+        self, cfg: Mapping[str, Any], num_classes: int, ignore_index: int, network: nn.Module
+    ) -> None:
+        super().__init__()
+        cfg = dict(cfg)
+        self.fixed_max_steps = cfg.get("max_steps")
+        self.auto_stride = cfg.get("feature_stride") is None
+        self.official_start_iter = bool(cfg.get("official_start_iter", False))
+        channels = stage_channels(network)
+        stage = int(cfg.get("stage", -1))
+        if not -len(channels) <= stage < len(channels):
+            raise ValueError(f"method.rccr.stage={stage}: the network has {len(channels)} stages")
+        filled = {
+            "in_channels": channels[stage],
+            "ignore_index": ignore_index,
+            "max_steps": self.fixed_max_steps or 1,  # the run's, set at each step (below)
+            "feature_stride": 8,  # replaced by the features' stride when null
+        }
+        self.rc = RegionalContrast(**term_arguments(RegionalContrast, cfg, "rccr", filled))
+
+    def after_ema(self, alpha: float) -> None:
+        self.rc.update_teacher(alpha)
+
+    def forward(self, step: SegStep) -> Tensor:
+        assert step.teacher_stages is not None and step.teacher_logits is not None
+        total = run_max_steps(step, self.fixed_max_steps, "rccr")
+        self.rc.max_steps = total
+        if self.official_start_iter:
+            self.rc.start = math.ceil(OFFICIAL_START_SHARE * total)
+        if self.auto_stride:
+            self.rc.feature_stride = (
+                step.target["image"].shape[-2] // step.teacher_stages[self.rc.stage].shape[-2]
+            )
+        loss, logs = self.rc(
+            step.source["image"],
+            step.source["label"],
+            step.target["image"],
+            step.teacher_logits,
+            step.teacher_stages,
+            step.student.forward_with_features,
+            step.step,
+            step.generator,
+            step.augment,
+        )
+        log_term(step, "rccr", logs)
+        return loss
+
+
+class IR2FTerm(SegTerm):
+    """IR2F, **our interpretation** (:class:`~mic_uda.uda.ir2f.IR2F`): a target term that *replaces*
+    DACS's ClassMix term (its method configs set ``mix: null``) by its own rectified mixture term.
+
+    Each step: ``r`` (B, H, W) of the clean target from the teacher's stage features of the
+    pseudo-label pass; ``r`` supervised on the source (BCE against "the ``supervise_with`` network's
+    prediction is right"); a ClassMix image (``mix_classes`` / ``mix_include_ignore`` as
+    ``method.mix``'s ``classes`` / ``include_ignore``) whose per-pixel weight is ``r`` mixed as the
+    label (pasted source pixels 1) in place of DACS's per-image confidence scalar (kept as a factor with
+    ``keep_confidence_weight``). ``mixture: rmm``: the weight is the posterior
+    :func:`~mic_uda.uda.ir2f.posterior_weight` of a no-grad student pass of the mixed image, so the
+    network's own ``train_loss`` (HRDA's multi-resolution loss too) has the gradient of
+    ``-log(r p(y) + (1 - r) / C)`` w.r.t. the logits (exact for a single-scale network up to dropout);
+    ``mixture: weight``: ``r`` itself. Later target terms (MIC) get ``r`` as ``step.pseudo_weight``:
+    the masked image's pseudo-label is rectified by the same map.
+    """
+
+    needs_teacher_features = True
+
+    def __init__(
+        self, cfg: Mapping[str, Any], num_classes: int, ignore_index: int, network: nn.Module
+    ) -> None:
+        super().__init__()
+        cfg = dict(cfg)
+        self.classes = cfg.pop("mix_classes", "per_image")
+        self.include_ignore = bool(cfg.pop("mix_include_ignore", False))
+        if self.classes not in CLASSMIX_CLASSES:
+            raise ValueError(
+                f"method.ir2f.mix_classes={self.classes!r} is not one of {list(CLASSMIX_CLASSES)}"
+            )
+        filled = {
+            "stage_channels": stage_channels(network),
+            "num_classes": num_classes,
+            "ignore_index": ignore_index,
+        }
+        self.ir2f = IR2F(**term_arguments(IR2F, cfg, "ir2f", filled))
+
+    def forward(self, step: SegStep) -> Tensor:
+        src, x_t, g, f = step.source, step.target["image"], step.generator, self.ir2f
+        assert step.teacher is not None and step.teacher_stages is not None
+        assert step.pseudo_label is not None and step.pseudo_weight is not None
+        size = (step.pseudo_label.shape[-2], step.pseudo_label.shape[-1])
+        r = f.rectification(step.teacher_stages, size)
+        conf = step.pseudo_weight
+        rectified = (r * conf if f.keep_confidence_weight else r).detach()
+        step.pseudo_weight = rectified  # MIC after this term: the same rectification
+        step.logs["train/ir2f_r_target"] = r.detach().mean()
+
+        # r learns where correctness is known: the source
+        net = step.teacher if f.supervise_with == "teacher" else step.student
+        with torch.set_grad_enabled(f.supervise_with == "student" and not f.detach_features):
+            s_logits, s_stages = net.forward_with_features(src["image"])
+        preds = nearest_labels(s_logits.argmax(1), tuple(src["label"].shape[-2:]))
+        sup, logs = f.supervision_loss(s_stages, preds.detach(), src["label"], g)
+        log_term(step, "ir2f", logs)
+
+        # the rectified mixture on the ClassMix image
+        mask = classmix_masks(src["label"], g, step.ignore_index, self.classes, self.include_ignore).to(x_t)
+        x_m = step.augment(mix(mask, src["image"], x_t), g)
+        y_m = mix(mask, src["label"], step.pseudo_label)
+        r_m = mix(mask, torch.ones_like(r), r.detach())
+        weight = r_m
+        if f.mixture == "rmm":
+            with torch.no_grad():
+                logits = step.student(x_m)
+                if logits.shape[-2:] != y_m.shape[-2:]:
+                    logits = F.interpolate(logits, size=y_m.shape[-2:], mode="bilinear", align_corners=False)
+                prob = logits.float().softmax(1)
+                p_y = prob.gather(1, y_m.clamp(0, f.num_classes - 1)[:, None].long())[:, 0]
+                weight = posterior_weight(r_m, p_y, f.num_classes)
+                step.logs["train/ir2f_rmm_nll"] = mixture_nll(
+                    logits, y_m.long(), r_m, step.ignore_index
+                ).mean()
+        if f.keep_confidence_weight:
+            weight = weight * mix(mask, torch.ones_like(conf), conf)
+        step.logs["train/ir2f_weight"] = weight.mean()
+        return f.weight * step.network_loss(x_m, y_m, weight.detach()).loss + sup
+
+
 def _fd(cfg: Any, num_classes: int, ignore_index: int, network: nn.Module) -> SegTerm:
     return FeatureDistanceTerm(cfg, num_classes, ignore_index, network)
 
@@ -190,7 +463,10 @@ def _fd(cfg: Any, num_classes: int, ignore_index: int, network: nn.Module) -> Se
 TERMS: dict[str, Callable[[Any, int, int, nn.Module], SegTerm | dict[str, SegTerm]]] = {
     "fd": _fd,
     "mix": lambda cfg, *_: ClassMixTerm(cfg),
+    "ir2f": IR2FTerm,  # before MIC: it rectifies the pseudo-weight MIC uses
     "mic": lambda cfg, *_: MaskedConsistencyTerm(cfg),
+    "pipa": _pipa,  # pipa_pixel (source), pipa_patch (target, after the mixture terms as officially)
+    "rccr": RegionalContrastTerm,
 }
 
 
