@@ -202,8 +202,7 @@ def term_arguments(cls: type, cfg: Mapping[str, Any] | None, key: str, filled: M
     given = dict(cfg or {})
     for name in given:
         if name not in params:
-            allowed = [p for p in params if p not in filled]
-            raise ValueError(f"method.{key}.{name} is not an argument of {cls.__name__} (allowed: {allowed})")
+            raise ValueError(f"method.{key}.{name} is not an argument of {cls.__name__} (allowed: {params})")
     kwargs = {k: v for k, v in filled.items() if k in params}
     kwargs.update({k: v for k, v in given.items() if v is not None or k not in filled})
     return kwargs
