@@ -176,3 +176,20 @@ def test_rccr_resume_after_a_kill_is_exact(make_cfg, tmp_path: Path, monkeypatch
     assert int(state[next(k for k in queue if k.endswith("ptr"))]) == 6 % 3
     assert bool(state[next(k for k in queue if k.endswith("valid"))].any())
     assert_same_end(ref, resumed, tmp_path / "ref", out)  # every state_dict entry, queues included
+
+
+# ------------------------------------------------------------------------------- paper presets
+@pytest.mark.parametrize(
+    ("preset", "steps", "patch_weight", "network"),
+    [
+        ("pipa_hrda_gta2cs", 60000, 0.01, "HRDANet"),
+        ("pipa_hrda_synthia2cs", 60000, 0.01, "HRDANet"),
+        ("pipa_daformer_gta2cs", 60000, 0.1, "DAFormerNet"),
+    ],
+)
+def test_pipa_presets(make_cfg, preset: str, steps: int, patch_weight: float, network: str) -> None:
+    cfg = make_cfg([f"experiment={preset}"], tiny=False)
+    method = parse_method(cfg.method)
+    assert cfg.trainer.max_steps == steps and cfg.backbone._target_.endswith(network)
+    assert method.pipa["patch"]["weight"] == patch_weight and method.pipa["pixel"]["weight"] == 0.1
+    assert method.fd is not None and method.mix is not None and method.teacher.alpha == 0.999
