@@ -200,7 +200,9 @@ def test_preset_trains_through_the_entry_point(
 
     for stem, body in SMALL_DLV2_BODIES.items():
         monkeypatch.setitem(deeplabv2.STEMS, stem, body)
-    full = make_cfg([f"experiment={name}"], tiny=False)  # the preset as a user gets it
+    # the preset as a user gets it (with a file for each value it requires the user to give)
+    given = [f"{k}=/given/{k}.pth" for k, v in preset_values(name).items() if _required(v)]
+    full = make_cfg([f"experiment={name}", *given], tiny=False)
     data, task = _choices()["data"], full.task.name
     hrda = str(full.backbone.get("_target_")).endswith("hrda.HRDANet")
     try:
@@ -213,11 +215,11 @@ def test_preset_trains_through_the_entry_point(
     overrides = [*COMMON, f"paths.data_dir={root}", *data_overrides, *backbone_overrides(full.backbone)]
     if "rcs" in full.data:
         overrides.append(f"data.rcs.cache_dir={tmp_path / 'rcs'}")
-    cfg = make_cfg([f"experiment={name}", *overrides], tiny=False)
+    cfg = make_cfg([f"experiment={name}", *given, *overrides], tiny=False)
     method = parse_method(cfg.method)
     written = preset_values(name)
     for key in ("weights", "backbone_weights"):  # a file the preset needs: from a random network
-        required = written.get(f"backbone.{key}") == "???" or (
+        required = _required(written.get(f"backbone.{key}")) or (
             key in cfg.backbone and OmegaConf.is_missing(cfg.backbone, key)
         )
         if required or (key == "weights" and method.fd is not None and not cfg.backbone.get(key)):
@@ -236,7 +238,7 @@ def test_preset_trains_through_the_entry_point(
         if _overridden(key, overrides) or key == "tags":
             continue
         got = OmegaConf.select(logged, key, throw_on_missing=False)
-        if value == "???":  # a file the user must give (test_required_values_stay_mandatory)
+        if _required(value):  # a file the user must give (test_required_values_stay_mandatory)
             assert got, f"experiment={name}: {key} is required but the run had none"
             continue
         if isinstance(value, str) and "${" in value:  # an interpolation: as the preset resolves it
@@ -262,31 +264,25 @@ def test_preset_trains_through_the_entry_point(
     print(f"{name}: preset keys as run: {checked}; {primary} = {value:.2f}")
 
 
-# Known defect (reported with issue 14, the fix belongs in these presets' configs): OmegaConf's merge never
-# lets "???" replace an existing value (merge({"a": None}, {"a": "???"}) == {"a": None}), so a preset's
-# ``backbone.weights: ???`` over a backbone config with ``weights: null`` composes to null, and the run
-# silently trains from random weights instead of asking for the ImageNet file. Strict: fixing one fails here.
-KNOWN_LOST_MANDATORY = {"mic_sada_cs2foggy", "mic_sdat_officehome", "mic_sdat_visda"}
-REQUIRED = [(n, k) for n in PRESETS for k, v in sorted(preset_values(n).items()) if v == "???"]
+def _required(value: object) -> bool:
+    return value == "???" or str(value).startswith("${mic_uda_required:")
 
 
-@pytest.mark.parametrize(
-    ("name", "key"),
-    [
-        pytest.param(
-            n,
-            k,
-            marks=pytest.mark.xfail(
-                n in KNOWN_LOST_MANDATORY, reason="??? dropped by the merge", strict=True
-            ),
-        )
-        for n, k in REQUIRED
-    ],
-)
+# A value a preset marks required: ``???`` where nothing else sets the key, else ``${mic_uda_required:...}``
+# (OmegaConf's merge never lets "???" replace an existing value: merge({"a": None}, {"a": "???"}) ==
+# {"a": None}, so ``backbone.weights: ???`` over a backbone config's ``weights: null`` composed to null and
+# the run silently trained from random weights; found by this test, fixed in the presets).
+REQUIRED = [(n, k) for n in PRESETS for k, v in sorted(preset_values(n).items()) if _required(v)]
+
+
+@pytest.mark.parametrize(("name", "key"), REQUIRED)
 def test_required_values_stay_mandatory(name: str, key: str, make_cfg) -> None:
     """A value a preset marks ``???`` (e.g. its ImageNet weights file) is still required after composing:
     the user gets Hydra's missing-value error, not a run from random weights."""
     cfg = make_cfg([f"experiment={name}"], tiny=False)
-    assert OmegaConf.is_missing(cfg, key), (
-        f"experiment={name} sets {key}: ??? but composes to {OmegaConf.select(cfg, key)!r}"
-    )
+    with pytest.raises(Exception, match=r"Missing mandatory value|a required value is not set") as e:
+        OmegaConf.select(cfg, key, throw_on_missing=True, throw_on_resolution_failure=True)
+    assert key.split(".")[-1] in str(e.value), str(e.value)
+    # the user's value replaces it
+    given = make_cfg([f"experiment={name}", f"{key}=/weights.pth"], tiny=False)
+    assert OmegaConf.select(given, key) == "/weights.pth"

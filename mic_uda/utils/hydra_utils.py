@@ -56,13 +56,23 @@ def first_set(*values: Any) -> Any:
 def register_resolvers() -> None:
     """``${mic_uda_root:}`` = the project checkout (the working directory for an installed wheel);
     ``${mic_uda_package_file:pkg,relative/path}`` = a file inside an installed package;
-    ``${mic_uda_first:a,b}`` = the first of its arguments that is set."""
+    ``${mic_uda_first:a,b}`` = the first of its arguments that is set;
+    ``${mic_uda_required:what}`` = a value the user must give (an error naming ``what`` when read):
+    ``???`` cannot mark a preset's value as required when a group config already sets it (OmegaConf's
+    merge keeps the existing value, so ``weights: ???`` over a backbone's ``weights: null`` is null)."""
     if not OmegaConf.has_resolver("mic_uda_root"):
         OmegaConf.register_new_resolver("mic_uda_root", project_root)
     if not OmegaConf.has_resolver("mic_uda_package_file"):
         OmegaConf.register_new_resolver("mic_uda_package_file", package_file)
     if not OmegaConf.has_resolver("mic_uda_first"):
         OmegaConf.register_new_resolver("mic_uda_first", first_set)
+    if not OmegaConf.has_resolver("mic_uda_required"):
+        OmegaConf.register_new_resolver("mic_uda_required", required_value)
+
+
+def required_value(what: str) -> Any:
+    """``${mic_uda_required:what}``: reading it is the error; the user's override replaces it."""
+    raise ValueError(f"a required value is not set: {what}")
 
 
 def instantiate_clearly(cfg: Any, **kwargs: Any) -> Any:
