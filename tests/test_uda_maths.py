@@ -374,3 +374,15 @@ def test_strong_augment_semantics_switch_changes_only_the_maths() -> None:
     assert not torch.allclose(a, b) and b.min() >= 0 and b.max() <= 1
     with pytest.raises(ValueError, match=r"method.augment.semantics='pil' is not one of"):
         StrongAugment(semantics="pil")
+
+
+def test_adabn_skips_a_trailing_one_image_batch() -> None:
+    """A target set of 1 mod the batch size: the last single image would crash a BatchNorm1d."""
+    from mic_uda.uda.bn import reestimate_bn_statistics
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    x = torch.randn(4, 3)
+    assert reestimate_bn_statistics(net, [x, torch.randn(1, 3)]) == 1
+    expected = net[0](x).detach()
+    assert torch.allclose(net[1].running_mean, expected.mean(0), atol=1e-6)
+    assert torch.allclose(net[1].running_var, expected.var(0, unbiased=True), atol=1e-5)

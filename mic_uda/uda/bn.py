@@ -66,8 +66,10 @@ def reestimate_bn_statistics(module: nn.Module, batches: Iterable[torch.Tensor])
 
     A label-free evaluation choice for BN networks: running statistics collected on the source
     (``student_bn=source``) normalise target features with the wrong mean and variance. Layers that
-    do not track running statistics (a ``batch`` teacher) are left alone. Returns how many layers were
-    re-estimated; ``module`` is left in eval mode.
+    do not track running statistics (a ``batch`` teacher) are left alone. A one-image batch after
+    the first (the remainder of a set whose size is 1 mod the batch size) is skipped: it has no batch
+    variance in a BatchNorm1d (an error in train mode) and a degenerate one in a BN on 1x1 maps.
+    Returns how many layers were re-estimated; ``module`` is left in eval mode.
     """
     layers = [bn for bn in batchnorm_layers(module) if bn.track_running_stats]
     module.eval()
@@ -80,6 +82,8 @@ def reestimate_bn_statistics(module: nn.Module, batches: Iterable[torch.Tensor])
         bn.train()
     seen = 0
     for images in batches:
+        if images.shape[0] < 2 and seen > 0:
+            continue
         module(images)
         seen += 1
     for bn, momentum in zip(layers, momenta, strict=True):
