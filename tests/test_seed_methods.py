@@ -112,8 +112,7 @@ def test_rccr_and_pipa_on_hrda(make_cfg, monkeypatch) -> None:
         *TINY_HRDA,
         "test=false",
         "method=mic_pipa",
-        *LOOSE["pipa"][:2],
-        "method.pipa.patch.confidence=0.0",
+        *LOOSE["pipa"],  # crop_fraction 1.0: HRDA's LR pass of a 64 px crop is MiT's smallest input
     ]
     metrics, states = run_with(make_cfg, over, monkeypatch)
     assert_trained(metrics, states, "pipa")
@@ -193,3 +192,31 @@ def test_pipa_presets(make_cfg, preset: str, steps: int, patch_weight: float, ne
     assert cfg.trainer.max_steps == steps and cfg.backbone._target_.endswith(network)
     assert method.pipa["patch"]["weight"] == patch_weight and method.pipa["pixel"]["weight"] == 0.1
     assert method.fd is not None and method.mix is not None and method.teacher.alpha == 0.999
+
+
+@pytest.mark.parametrize("data", ["gta2cs", "synthia2cs"])
+def test_rccr_presets_compose_to_the_official_recipe(make_cfg, data) -> None:
+    cfg = make_cfg([f"experiment=rccr_dlv2_{data}"], tiny=False)
+    opt = cfg.task.module.optimizer
+    assert cfg.data.name == data and cfg.backbone._target_.endswith("DeepLabV2Net")
+    assert list(cfg.backbone.dilations) == [6, 12] and cfg.method.name == "dacs_rccr"
+    assert opt._target_ == "torch.optim.SGD" and opt.lr == 2.5e-4 and opt.momentum == 0.9
+    assert opt.weight_decay == 5e-4 and opt.betas is None  # dropped before SGD is built
+    assert cfg.task.module.param_group_keys.head.lr_mult == 10.0
+    assert cfg.task.module.param_group_keys.norm.decay_mult == 1.0
+    assert cfg.task.module.scheduler.warmup_steps == 0 and cfg.task.module.scheduler.power == 0.9
+    assert cfg.trainer.max_steps == 250000 and cfg.method.teacher.alpha == 0.99
+    r = cfg.method.rccr
+    assert r.weight == 0.01 and r.ramp and r.temperature == 0.1 and r.confidence == 0.75 and r.proj_dim == 128
+    assert not r.official_untrained_head and not r.official_start_iter
+    assert cfg.method.get("fd") is None and not cfg.data.rcs.enabled
+
+
+@pytest.mark.parametrize("data", ["gta2cs", "cs2darkzurich"])
+def test_ir2f_presets_replace_classmix_and_keep_the_official_switches(make_cfg, data) -> None:
+    cfg = make_cfg([f"experiment=ir2f_daformer_{data}"], tiny=False)
+    m = cfg.method
+    assert "interpretation" in cfg.tags and m.name == "dacs_ir2f"
+    assert m.mix is None and m.ir2f.mix_classes == "batch_union" and m.ir2f.mix_include_ignore
+    assert m.fd.weight == 0.005 and m.student_bn == "all" and m.pseudo_label.weight_scope == "batch"
+    assert cfg.data.name == data and cfg.backbone.encoder_name == "mit_b5"

@@ -183,7 +183,10 @@ class UDAModuleBase(L.LightningModule):
         return {"student": self.student}
 
     def configure_optimizers(self) -> Any:
-        opt_cfg, sch_cfg = dict(self.hparams.optimizer), dict(self.hparams.scheduler)
+        # a null optimiser argument means "the optimiser's default": a preset switching AdamW to SGD
+        # sets betas: null (Hydra merges configs, it cannot delete AdamW's keys)
+        opt_cfg = {k: v for k, v in dict(self.hparams.optimizer).items() if v is not None}
+        sch_cfg = dict(self.hparams.scheduler)
         opt_cls = get_class(opt_cfg.pop("_target_"))
         max_steps = sch_cfg.pop("max_steps", None) or self.trainer.max_steps
         if max_steps is None or max_steps <= 0:
