@@ -59,6 +59,9 @@ ALL = [(g, o) for g in GROUPS for o in options(g)]
 def test_every_option_composes(group: str, option: str, make_cfg) -> None:
     task = [f"task={task_of(group, option)}"] if task_of(group, option) else []
     cfg = make_cfg([*task, f"{group}={option}"], tiny=False)
+    given = [f"{key}=/given.pth" for key in _required_keys(OmegaConf.to_container(cfg, resolve=False))]
+    if given:  # values the user must give (${mic_uda_required:...}): what a user's command line adds
+        cfg = make_cfg([*task, f"{group}={option}", *given], tiny=False)
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # interpolations resolve
     method = parse_method(cfg.method)
     targets = list(_targets(resolved))
@@ -73,6 +76,15 @@ def test_every_option_composes(group: str, option: str, make_cfg) -> None:
         "mic_uda.tasks.cls.ClsUDAModule",
         "mic_uda.tasks.det.DetUDAModule",
     }
+
+
+def _required_keys(node: object, prefix: str = ""):
+    """Dotted keys whose value is ``${mic_uda_required:...}`` in an unresolved config."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _required_keys(v, f"{prefix}{k}.")
+    elif isinstance(node, str) and node.startswith("${mic_uda_required:"):
+        yield prefix[:-1]
 
 
 def _targets(node: object):
