@@ -192,5 +192,7 @@ def test_ir2f_end_to_end_option_gives_r_a_gradient() -> None:
 
 def test_the_method_config_block_builds_the_term() -> None:
     block = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "method" / "dacs_ir2f.yaml").ir2f)
-    term = IR2F((4, 6, 8, 8), 3, **block)
+    # mix_classes / mix_include_ignore are the seg adapter's (seg_terms.IR2FTerm pops them)
+    adapter_keys = ("mix_classes", "mix_include_ignore")
+    term = IR2F((4, 6, 8, 8), 3, **{k: v for k, v in block.items() if k not in adapter_keys})
     assert term.mixture == "rmm" and term.detach_features and not term.mixture_grad_to_inr

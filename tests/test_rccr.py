@@ -185,6 +185,7 @@ def test_official_flags() -> None:
 
 def test_the_method_config_block_builds_the_term() -> None:
     block = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "method" / "dacs_rccr.yaml").rccr)
-    term = RegionalContrast(in_channels=6, **{**block, "max_steps": 250000})
+    assert block["feature_stride"] is None  # read from the features by seg_terms.RegionalContrastTerm
+    term = RegionalContrast(in_channels=6, **{**block, "max_steps": 250000, "feature_stride": 8})
     assert term.start == 0 and term.bank_per_iteration == 4000 and term.queue.slot_size == 8000
     assert not term.official_untrained_head and term.confidence == 0.75

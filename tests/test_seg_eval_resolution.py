@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import open_dict
 from PIL import Image
-from torch import nn
 
 from mic_uda.data.datamodule import UDADataModule
 from mic_uda.data.seg_files import CITYSCAPES_CLASSES, Cityscapes
+from mic_uda.models.seg_base import SegNetwork
 from mic_uda.utils.metrics import iou_from_confusion
 
 H, W = 32, 64  # label files; the network sees 16 x 32
@@ -56,7 +56,7 @@ def _val_cfg(root: Path, native: bool = True) -> dict:
     }
 
 
-class FixedLogits(nn.Module):
+class FixedLogits(SegNetwork):
     """A stand-in network: seeded logits at the input's resolution (as the real networks return)."""
 
     def __init__(self, seed: int, num_classes: int = 19) -> None:
