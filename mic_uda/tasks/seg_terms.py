@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mic_uda.models.seg_base import SegNetwork, SegTrainOutput
+from mic_uda.uda.bn import check_choice
 from mic_uda.uda.contrastive import nearest_labels
 from mic_uda.uda.feature_distance import ImageNetFeatureDistance
 from mic_uda.uda.ir2f import IR2F, mixture_nll, posterior_weight
@@ -127,6 +128,17 @@ class FeatureDistanceTerm(SegTerm):
         return loss
 
 
+def classmix_batch(step: SegStep, classes: str, include_ignore: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """DACS's mixed batch: the ClassMix mask (source classes onto the target), the strongly augmented
+    mixed image and the mixed label (source ground truth / target pseudo-label); shared by every term
+    that trains on the mixed image (ClassMix, IR2F)."""
+    src, x_t, g = step.source, step.target["image"], step.generator
+    assert step.pseudo_label is not None
+    mask = classmix_masks(src["label"], g, step.ignore_index, classes, include_ignore).to(x_t)
+    x_m = step.augment(mix(mask, src["image"], x_t), g)
+    return mask, x_m, mix(mask, src["label"], step.pseudo_label)
+
+
 class ClassMixTerm(SegTerm):
     """DACS: ClassMix source classes onto the target, strong aug, weighted CE to the mixed label."""
 
@@ -139,11 +151,8 @@ class ClassMixTerm(SegTerm):
         )
 
     def forward(self, step: SegStep) -> Tensor:
-        src, x_t, g = step.source, step.target["image"], step.generator
-        assert step.pseudo_label is not None and step.pseudo_weight is not None
-        mask = classmix_masks(src["label"], g, step.ignore_index, self.classes, self.include_ignore).to(x_t)
-        x_m = step.augment(mix(mask, src["image"], x_t), g)
-        y_m = mix(mask, src["label"], step.pseudo_label)
+        assert step.pseudo_weight is not None
+        mask, x_m, y_m = classmix_batch(step, self.classes, self.include_ignore)
         w_m = mix(mask, torch.ones_like(step.pseudo_weight), step.pseudo_weight)
         return self.weight * step.network_loss(x_m, y_m, w_m).loss
 
@@ -399,10 +408,7 @@ class IR2FTerm(SegTerm):
         cfg = dict(cfg)
         self.classes = cfg.pop("mix_classes", "per_image")
         self.include_ignore = bool(cfg.pop("mix_include_ignore", False))
-        if self.classes not in CLASSMIX_CLASSES:
-            raise ValueError(
-                f"method.ir2f.mix_classes={self.classes!r} is not one of {list(CLASSMIX_CLASSES)}"
-            )
+        check_choice("method.ir2f.mix_classes", self.classes, CLASSMIX_CLASSES)
         filled = {
             "stage_channels": stage_channels(network),
             "num_classes": num_classes,
@@ -411,7 +417,7 @@ class IR2FTerm(SegTerm):
         self.ir2f = IR2F(**term_arguments(IR2F, cfg, "ir2f", filled))
 
     def forward(self, step: SegStep) -> Tensor:
-        src, x_t, g, f = step.source, step.target["image"], step.generator, self.ir2f
+        src, g, f = step.source, step.generator, self.ir2f
         assert step.teacher is not None and step.teacher_stages is not None
         assert step.pseudo_label is not None and step.pseudo_weight is not None
         size = (step.pseudo_label.shape[-2], step.pseudo_label.shape[-1])
@@ -430,9 +436,7 @@ class IR2FTerm(SegTerm):
         log_term(step, "ir2f", logs)
 
         # the rectified mixture on the ClassMix image
-        mask = classmix_masks(src["label"], g, step.ignore_index, self.classes, self.include_ignore).to(x_t)
-        x_m = step.augment(mix(mask, src["image"], x_t), g)
-        y_m = mix(mask, src["label"], step.pseudo_label)
+        mask, x_m, y_m = classmix_batch(step, self.classes, self.include_ignore)
         r_m = mix(mask, torch.ones_like(r), r.detach())
         weight = r_m
         if f.mixture == "rmm":
