@@ -6,6 +6,7 @@ Thin on purpose (lightning-hydra-template `train.py`): every object comes from t
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -175,9 +176,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 else f"test/recalibrated/{model.primary_metric}",
                 "handover": handed_over,
                 "max_steps": cfg.trainer.max_steps,
+                "wall_s": run_wall_seconds(Path(cfg.paths.output_dir)),
             },
         )
     return metrics
+
+
+def run_wall_seconds(run_dir: Path) -> float:
+    """Seconds since the run folder's ``.hydra/config.yaml`` was written (its first start; a resumed
+    run counts the pause too). Stored in metrics.json so that a copied result folder, whose file times
+    are lost, keeps its wall time."""
+    cfg = run_dir / ".hydra" / "config.yaml"
+    return time.time() - cfg.stat().st_mtime if cfg.is_file() else float("nan")
 
 
 def hand_over(

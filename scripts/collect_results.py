@@ -61,7 +61,9 @@ def load_runs(roots: list[Path]) -> list[dict]:
             if "metrics" not in summary:
                 continue  # not a training run's summary
             cfg = path.parent / ".hydra" / "config.yaml"
-            summary["wall_s"] = path.stat().st_mtime - cfg.stat().st_mtime if cfg.is_file() else float("nan")
+            if "wall_s" not in summary:  # metrics.json written before it recorded its wall time
+                nan = float("nan")
+                summary["wall_s"] = path.stat().st_mtime - cfg.stat().st_mtime if cfg.is_file() else nan
             summary["dir"] = str(path.parent)
             summary["overrides"] = variant(path.parent)
             runs.append(summary)
