@@ -1,7 +1,7 @@
 """Summarise run folders (a sweep, or any folder tree) into mean/std tables per (task, data, method).
 
     python scripts/collect_results.py logs/train/multiruns/<time> [more dirs] [--metric KEY ...]
-        [--csv out.csv] [--md out.md]
+        [--csv out.csv] [--md out.md] [--per-class out.md] [--plot DIR]
 
 Reads every ``metrics.json`` written by ``mic_uda.train`` (segmentation, classification, detection
 alike). Without ``--metric`` each run is summarised by its own ``primary_metric`` (recorded in
@@ -12,6 +12,9 @@ repeated) picks keys explicitly, e.g. ``--metric test/teacher/mIoU`` or the Optu
 differ only in ``seed`` are averaged, runs whose command-line overrides differ in anything else (an
 Optuna trial's sampled values, ``method.mic.ratio=0.5,0.7``) get their own row with an ``overrides``
 column. The wall time of a run is the time from its ``.hydra/config.yaml`` to its ``metrics.json``.
+
+``--per-class MD`` writes the per-class IoU / accuracy / AP50 of each method, mean ± std over seeds, as
+a Markdown table (one per task and dataset; the numbers of the per-class bars below).
 
 ``--plot DIR`` also draws the figures of the same runs into DIR (``mic_uda.plots``): per-class IoU /
 accuracy / AP50 as grouped bars (one group per class and the mean, one bar per method, error bars =
@@ -35,7 +38,7 @@ from pathlib import Path
 import yaml
 
 # the run grouping and the primary metric are shared with the figures
-from mic_uda.plots import NETS, differing_overrides, write_figures
+from mic_uda.plots import NETS, class_bars, differing_overrides, write_figures
 from mic_uda.plots import run_primary as primary_metric
 
 FIELDS = ["task", "data", "method", "overrides", "metric", "n", "seeds", "mean", "std", "values", "wall_min"]
@@ -115,6 +118,21 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def per_class_markdown(runs: list[dict], net: str = "handover") -> str:
+    """Per (task, data): one row per method (and variant), one column per class and the mean metric,
+    ``mean ± std`` over seeds: the numbers behind the per-class bars (:func:`mic_uda.plots.class_bars`)."""
+    tables = []
+    for bars in class_bars(runs, net):
+        head = ["method", "net", "n", *bars.groups]
+        lines = [f"{bars.task} / {bars.data}: {bars.axis}", "", "| " + " | ".join(head) + " |"]
+        lines.append("|" + "---|" * len(head))
+        for method, nets, means, stds, ns in zip(bars.methods, bars.nets, bars.mean, bars.std, bars.n):
+            cells = [f"{m:.1f} ± {s:.1f}" if k > 1 else f"{m:.1f}" for m, s, k in zip(means, stds, ns)]
+            lines.append("| " + " | ".join([method, nets, str(max(ns)), *cells]) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
@@ -128,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--metric", action="append", help="metric key(s) (default: each run's primary_metric)")
     p.add_argument("--csv", type=Path, help="also write the table as CSV")
     p.add_argument("--md", type=Path, help="also write the table as Markdown")
+    p.add_argument("--per-class", type=Path, metavar="MD", help="also write the per-class table (Markdown)")
     p.add_argument("--plot", type=Path, metavar="DIR", help="also draw the figures (PNG + SVG) into DIR")
     p.add_argument(
         "--plot-net",
@@ -146,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
         args.md.write_text(table + "\n")
     if args.csv:
         write_csv(rows, args.csv)
+    if args.per_class:
+        args.per_class.write_text(per_class_markdown(runs, args.plot_net) + "\n")
     if args.plot:
         for stem in write_figures(runs, args.plot, args.plot_net):
             print(f"wrote {args.plot / stem}.png and .svg", file=sys.stderr)

@@ -97,7 +97,7 @@ def test_collect_results_plot_writes_the_figures_and_their_numbers(tmp_path: Pat
     sweep, out = tmp_path / "sweep", tmp_path / "figs"
     _fake_sweep(sweep)
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(sweep), "--plot", str(out)],
+        [sys.executable, str(SCRIPT), str(sweep), "--plot", str(out), "--per-class", str(tmp_path / "pc.md")],
         check=True,
         capture_output=True,
         text=True,
@@ -115,6 +115,12 @@ def test_collect_results_plot_writes_the_figures_and_their_numbers(tmp_path: Pat
     numbers = json.loads((out / "figures.json").read_text())
     assert set(numbers) == set(stems)
     assert numbers[stems[0]]["mean"][1] == pytest.approx([84.0, 53.0, 91.0, 76.0])
+    # the per-class table: the bars' numbers, mean ± sample std over the two seeds, by hand
+    per_class = (tmp_path / "pc.md").read_text().splitlines()
+    assert per_class[0] == "seg / synthetic_seg: IoU (%)"
+    assert per_class[2] == "| method | net | n | road | car | sky | mIoU |"
+    assert per_class[4] == "| dacs | recalibrated | 2 | 82.0 ± 2.8 | 42.0 ± 2.8 | 89.0 ± 1.4 | 71.0 ± 1.4 |"
+    assert per_class[5] == "| mic | recalibrated | 2 | 84.0 ± 2.8 | 53.0 ± 4.2 | 91.0 ± 1.4 | 76.0 ± 1.9 |"
 
 
 def test_class_bars_are_the_means_and_stds_over_seeds(tmp_path: Path) -> None:

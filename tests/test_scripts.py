@@ -108,3 +108,14 @@ def test_collect_results_no_runs_is_a_clear_error(tmp_path: Path) -> None:
         text=True,
     )
     assert proc.returncode != 0 and "no metrics.json" in proc.stderr
+
+
+def test_collect_results_wall_time_from_metrics_json(tmp_path: Path) -> None:
+    """A result folder copied into the repository loses its file times: the ``wall_s`` that
+    metrics.json records is the wall time; older files fall back to the file times."""
+    _run(tmp_path, "mic", 0, {"test/mIoU": 50.0}, primary_metric="test/mIoU", wall_s=1200.0)
+    _run(tmp_path, "mic", 1, {"test/mIoU": 52.0}, primary_metric="test/mIoU", wall_s=1500.0)
+    table_csv = tmp_path / "t.csv"
+    _collect(str(tmp_path), "--csv", str(table_csv))
+    (row,) = list(csv.DictReader(table_csv.open()))
+    assert float(row["wall_min"]) == 22.5  # (1200 + 1500) / 2 s
