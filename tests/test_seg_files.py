@@ -213,3 +213,42 @@ def test_margins_flip_with_the_image(tmp_path: Path) -> None:
         seen.add(int(v[0, :3].sum()))  # left margin where not flipped, moved right when flipped
         assert v.sum() == 8 * 5
     assert seen == {0, 3}
+
+
+def test_every_file_dataset_takes_the_reading_options_over_its_own_defaults(tmp_path: Path) -> None:
+    """One pass-through (``PairedSegDataset.read_files``): a dataset's recipe defaults (GTA5: 1280x720
+    keeping the ratio, 512 crops), the caller's options over them, an option no subclass repeated
+    (``pad_value``) reaching the crop padding, and an unknown option named in one line."""
+    from mic_uda.data.acdc import ACDC
+    from mic_uda.data.bdd100k import BDD100K
+    from mic_uda.data.dark_zurich import DarkZurich
+    from mic_uda.data.seg_files import READ_OPTIONS
+    from mic_uda.data.synthia import SYNTHIA
+
+    assert GTA5.READ_DEFAULTS == {"resize": (1280, 720), "crop_size": 512, "keep_ratio": True}
+    assert Cityscapes.READ_DEFAULTS == {"resize": (1024, 512), "crop_size": 512}
+    assert SYNTHIA.READ_DEFAULTS["resize"] == (1280, 760) and ACDC.READ_DEFAULTS["resize"] == (960, 540)
+    assert DarkZurich.READ_DEFAULTS["resize"] == (960, 540) and BDD100K.READ_DEFAULTS["resize"] == (1280, 720)
+    assert FolderSegDataset.READ_DEFAULTS == {}
+    for cls in (GTA5, Cityscapes, SYNTHIA, ACDC, DarkZurich, BDD100K):
+        assert set(cls.READ_DEFAULTS) <= set(READ_OPTIONS), cls
+
+    _write(tmp_path / "gta" / "images" / "00001.png", _rgb(24, 32))
+    _write(tmp_path / "gta" / "labels" / "00001.png", np.full((24, 32), 7, np.uint8))
+    gta = GTA5(tmp_path / "gta", crop_size=None)
+    assert (gta.resize, gta.keep_ratio, gta.crop_size) == ((1280, 720), True, None)
+    gta = GTA5(tmp_path / "gta", resize=(16, 12), keep_ratio=False, crop_size=8, hflip=True)
+    assert (gta.resize, gta.keep_ratio, gta.hflip, gta[0]["image"].shape) == (
+        (16, 12),
+        False,
+        True,
+        (3, 8, 8),
+    )
+
+    _folder(tmp_path / "f", 12, 32)
+    grey = FolderSegDataset(
+        tmp_path / "f", num_classes=3, crop_size=[20, 16], pad_crop=True, pad_value=(0.5,) * 3
+    )
+    assert (grey[0]["image"][:, 12:] == 0.5).all()
+    with pytest.raises(TypeError, match=r"GTA5: unknown option\(s\) \['crop'\]: expected some of \['resize'"):
+        GTA5(tmp_path / "gta", crop=8)

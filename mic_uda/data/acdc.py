@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, ClassVar
 
 from mic_uda.data.seg_files import PairedSegDataset, pair_train_id_labels, require_dir, sorted_glob
 
@@ -28,21 +29,15 @@ class ACDC(PairedSegDataset):
     """ACDC, 1920x1080 frames; all four conditions together by default, as in the MIC/HRDA benchmark.
     Recipe (DAFormer-scale): resized to 960x540, 512 crops."""
 
+    READ_DEFAULTS: ClassVar[dict[str, Any]] = {"resize": (960, 540), "crop_size": 512}
+
     def __init__(
         self,
         root: str | Path,
         split: str = "train",
         conditions: Sequence[str] = ACDC_CONDITIONS,
         with_labels: bool = True,
-        resize: Sequence[int] | None = (960, 540),
-        crop_size: int | Sequence[int] | None = 512,
-        hflip: bool = False,
-        cat_max_ratio: float = 1.0,
-        class_subset: Sequence[int] | None = None,
-        keep_ratio: bool = False,
-        native_label: bool = False,
-        pad_crop: bool = False,
-        pseudo_margins: Sequence[int] | None = None,
+        **options: Any,
     ) -> None:
         root, conditions = Path(root), [conditions] if isinstance(conditions, str) else list(conditions)
         unknown = [c for c in conditions if c not in ACDC_CONDITIONS]
@@ -61,21 +56,7 @@ class ACDC(PairedSegDataset):
             pairs, mapping, name = self._flat(root, split, with_labels)
         else:
             pairs, mapping, name = self._per_condition(root, split, conditions, with_labels)
-        super().__init__(
-            pairs,
-            19,
-            mapping,
-            resize,
-            crop_size,
-            hflip,
-            name,
-            cat_max_ratio,
-            class_subset,
-            keep_ratio=keep_ratio,
-            native_label=native_label,
-            pad_crop=pad_crop,
-            pseudo_margins=pseudo_margins,
-        )
+        self.read_files(pairs, 19, mapping, name, options)
 
     @staticmethod
     def _per_condition(

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
+from typing import Any, ClassVar
 
 from mic_uda.data.seg_files import (
     PairedSegDataset,
@@ -85,6 +85,8 @@ def read_frame_list(path: Path, shown: str, split: str, images_dir: Path) -> lis
 class BDD100K(PairedSegDataset):
     """BDD100K 10k segmentation frames (1280x720), by default only ``night`` ones (cs2bdd_night)."""
 
+    READ_DEFAULTS: ClassVar[dict[str, Any]] = {"resize": (1280, 720), "crop_size": 512}
+
     def __init__(
         self,
         root: str | Path,
@@ -93,15 +95,7 @@ class BDD100K(PairedSegDataset):
         attributes_json: str = "labels/bdd100k_labels_images_{split}.json",
         split_file: str | None = None,
         with_labels: bool = True,
-        resize: Sequence[int] | None = (1280, 720),
-        crop_size: int | Sequence[int] | None = 512,
-        hflip: bool = False,
-        cat_max_ratio: float = 1.0,
-        class_subset: Sequence[int] | None = None,
-        keep_ratio: bool = False,
-        native_label: bool = False,
-        pad_crop: bool = False,
-        pseudo_margins: Sequence[int] | None = None,
+        **options: Any,
     ) -> None:
         root = Path(root)
         img_dir = require_dir(root / "images" / "10k" / split, "BDD100K", BDD100K_LAYOUT)
@@ -153,18 +147,4 @@ class BDD100K(PairedSegDataset):
             require_dir(mask_dir, "BDD100K", BDD100K_LAYOUT)
         pairs = _pairs_by_stem(images, lambda p: mask_dir / f"{p.stem}.png", with_labels, "BDD100K")
         name = f"BDD100K/{split}/{selection}"
-        super().__init__(
-            pairs,
-            19,
-            None,
-            resize,
-            crop_size,
-            hflip,
-            name,
-            cat_max_ratio,
-            class_subset,
-            keep_ratio=keep_ratio,
-            native_label=native_label,
-            pad_crop=pad_crop,
-            pseudo_margins=pseudo_margins,
-        )
+        self.read_files(pairs, 19, None, name, options)

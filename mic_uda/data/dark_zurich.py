@@ -4,8 +4,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, ClassVar
 
 from mic_uda.data.seg_files import PairedSegDataset, pair_train_id_labels, require_dir, sorted_glob
 
@@ -21,21 +21,15 @@ class DarkZurich(PairedSegDataset):
     """Dark Zurich, 1920x1080 frames. The UDA target is ``train/night`` (2416 unlabelled frames), the
     evaluation ``val/night`` (50 labelled). Recipe (DAFormer-scale): resized to 960x540, 512 crops."""
 
+    READ_DEFAULTS: ClassVar[dict[str, Any]] = {"resize": (960, 540), "crop_size": 512}
+
     def __init__(
         self,
         root: str | Path,
         split: str = "train",
         time_of_day: str = "night",
         with_labels: bool = True,
-        resize: Sequence[int] | None = (960, 540),
-        crop_size: int | Sequence[int] | None = 512,
-        hflip: bool = False,
-        cat_max_ratio: float = 1.0,
-        class_subset: Sequence[int] | None = None,
-        keep_ratio: bool = False,
-        native_label: bool = False,
-        pad_crop: bool = False,
-        pseudo_margins: Sequence[int] | None = None,
+        **options: Any,
     ) -> None:
         root = Path(root)
         if time_of_day not in DARK_ZURICH_TIMES:
@@ -52,18 +46,4 @@ class DarkZurich(PairedSegDataset):
                 "Dark Zurich",
             )
         name = f"DarkZurich/{split}/{time_of_day}"
-        super().__init__(
-            pairs,
-            19,
-            mapping,
-            resize,
-            crop_size,
-            hflip,
-            name,
-            cat_max_ratio,
-            class_subset,
-            keep_ratio=keep_ratio,
-            native_label=native_label,
-            pad_crop=pad_crop,
-            pseudo_margins=pseudo_margins,
-        )
+        self.read_files(pairs, 19, mapping, name, options)

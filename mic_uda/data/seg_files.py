@@ -11,6 +11,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -102,6 +103,21 @@ def subset_lut(class_subset: Sequence[int] | None, num_classes: int) -> torch.Te
     return lut
 
 
+#: the options every file dataset passes through to :class:`PairedSegDataset` (its keyword arguments)
+READ_OPTIONS = (
+    "resize",
+    "crop_size",
+    "hflip",
+    "cat_max_ratio",
+    "class_subset",
+    "keep_ratio",
+    "native_label",
+    "pad_crop",
+    "pad_value",
+    "pseudo_margins",
+)
+
+
 class PairedSegDataset(Dataset):
     """Image/label file pairs with optional id mapping, resize, random crop and flip.
 
@@ -134,6 +150,10 @@ class PairedSegDataset(Dataset):
     :meth:`draw_crop` (rare class sampling owns one); UDADataModule's training loaders seed it per
     sample from the stream position (mic_uda.data.resumable), so crops and flips repeat after a resume.
     """
+
+    #: a file dataset's own defaults of the reading options (its recipe's resize and crop); a user's
+    #: keyword options replace them (:meth:`read_files`)
+    READ_DEFAULTS: ClassVar[dict[str, Any]] = {}
 
     def __init__(
         self,
@@ -182,6 +202,24 @@ class PairedSegDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def read_files(
+        self,
+        pairs: Sequence[tuple[Path, Path | None]],
+        num_classes: int,
+        label_mapping: Mapping[int, int] | None,
+        name: str,
+        options: Mapping[str, Any],
+    ) -> None:
+        """Set up a file dataset (GTA5, Cityscapes, ...) from the pairs it found and the reading options
+        its caller gave (``resize``, ``crop_size``, ``hflip``, ...: :data:`READ_OPTIONS`), over its
+        :attr:`READ_DEFAULTS`; one place, so an option added here reaches every dataset."""
+        unknown = sorted(set(options) - set(READ_OPTIONS))
+        if unknown:
+            raise TypeError(f"{name}: unknown option(s) {unknown}: expected some of {list(READ_OPTIONS)}")
+        PairedSegDataset.__init__(
+            self, pairs, num_classes, label_mapping, name=name, **{**self.READ_DEFAULTS, **options}
+        )
 
     def label_signature(self) -> dict[str, object]:
         """What decides the label ids read from the files (for caches of label statistics)."""
@@ -534,40 +572,20 @@ class GTA5(PairedSegDataset):
     its own to its target size, any pixels left over cut or padded with 255, a warning per such pair
     once (:meth:`PairedSegDataset.read`); with ``resize=None`` they are an error naming both files."""
 
+    READ_DEFAULTS: ClassVar[dict[str, Any]] = {"resize": (1280, 720), "crop_size": 512, "keep_ratio": True}
+
     def __init__(
         self,
         root: str | Path,
         with_labels: bool = True,
-        resize: Sequence[int] | None = (1280, 720),
-        crop_size: int | Sequence[int] | None = 512,
-        hflip: bool = False,
-        cat_max_ratio: float = 1.0,
-        class_subset: Sequence[int] | None = None,
-        keep_ratio: bool = True,
-        native_label: bool = False,
-        pad_crop: bool = False,
-        pseudo_margins: Sequence[int] | None = None,
+        **options: Any,
     ) -> None:
         root = Path(root)
         img_dir = require_dir(root / "images", "GTA5", GTA5_LAYOUT)
         require_dir(root / "labels", "GTA5", GTA5_LAYOUT)
         images = sorted_glob(img_dir, "*.png", "GTA5", GTA5_LAYOUT)
         pairs = _pairs_by_stem(images, lambda p: root / "labels" / p.name, with_labels, "GTA5")
-        super().__init__(
-            pairs,
-            19,
-            CITYSCAPES_ID_TO_TRAIN_ID,
-            resize,
-            crop_size,
-            hflip,
-            "GTA5",
-            cat_max_ratio,
-            class_subset,
-            keep_ratio=keep_ratio,
-            native_label=native_label,
-            pad_crop=pad_crop,
-            pseudo_margins=pseudo_margins,
-        )
+        self.read_files(pairs, 19, CITYSCAPES_ID_TO_TRAIN_ID, "GTA5", options)
 
 
 CITYSCAPES_LAYOUT = (
@@ -581,20 +599,14 @@ class Cityscapes(PairedSegDataset):
     (mapped on the fly). Default recipe: 2048x1024 -> 1024x512, 512 crops for training. The published
     ``gtFine/test`` files are placeholders: ``split=test`` with labels is an error (images only)."""
 
+    READ_DEFAULTS: ClassVar[dict[str, Any]] = {"resize": (1024, 512), "crop_size": 512}
+
     def __init__(
         self,
         root: str | Path,
         split: str = "train",
         with_labels: bool = True,
-        resize: Sequence[int] | None = (1024, 512),
-        crop_size: int | Sequence[int] | None = 512,
-        hflip: bool = False,
-        cat_max_ratio: float = 1.0,
-        class_subset: Sequence[int] | None = None,
-        keep_ratio: bool = False,
-        native_label: bool = False,
-        pad_crop: bool = False,
-        pseudo_margins: Sequence[int] | None = None,
+        **options: Any,
     ) -> None:
         root = Path(root)
         if with_labels and split == "test":
@@ -616,21 +628,7 @@ class Cityscapes(PairedSegDataset):
                 ),
                 "Cityscapes",
             )
-        super().__init__(
-            pairs,
-            19,
-            mapping,
-            resize,
-            crop_size,
-            hflip,
-            f"Cityscapes/{split}",
-            cat_max_ratio,
-            class_subset,
-            keep_ratio=keep_ratio,
-            native_label=native_label,
-            pad_crop=pad_crop,
-            pseudo_margins=pseudo_margins,
-        )
+        self.read_files(pairs, 19, mapping, f"Cityscapes/{split}", options)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -653,16 +651,8 @@ class FolderSegDataset(PairedSegDataset):
         split_file: str | None = None,
         with_labels: bool = True,
         label_mapping: Mapping[int, int] | None = None,
-        resize: Sequence[int] | None = None,
-        crop_size: int | Sequence[int] | None = None,
-        hflip: bool = False,
         name: str = "folder",
-        cat_max_ratio: float = 1.0,
-        class_subset: Sequence[int] | None = None,
-        keep_ratio: bool = False,
-        native_label: bool = False,
-        pad_crop: bool = False,
-        pseudo_margins: Sequence[int] | None = None,
+        **options: Any,
     ) -> None:
         root = Path(root)
         layout = f"<root>/{image_dir}/<stem>.<jpg|png>, <root>/{label_dir}/<stem>{label_suffix}" + (
@@ -680,21 +670,7 @@ class FolderSegDataset(PairedSegDataset):
                 raise FileNotFoundError(f"{name}: no images ({', '.join(IMAGE_SUFFIXES)}) in '{img_dir}'")
         labels_at = root / label_dir
         pairs = _pairs_by_stem(images, lambda p: labels_at / f"{p.stem}{label_suffix}", with_labels, name)
-        super().__init__(
-            pairs,
-            num_classes,
-            label_mapping,
-            resize,
-            crop_size,
-            hflip,
-            name,
-            cat_max_ratio,
-            class_subset,
-            keep_ratio=keep_ratio,
-            native_label=native_label,
-            pad_crop=pad_crop,
-            pseudo_margins=pseudo_margins,
-        )
+        self.read_files(pairs, num_classes, label_mapping, name, options)
 
     @staticmethod
     def _find_image(img_dir: Path, stem: str, name: str) -> Path:

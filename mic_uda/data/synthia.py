@@ -9,8 +9,8 @@ train ids) are used when present.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torchvision.io import ImageReadMode, decode_png, read_file
@@ -63,19 +63,13 @@ def read_png_first_channel(path: Path) -> torch.Tensor:
 class SYNTHIA(PairedSegDataset):
     """SYNTHIA-RAND-CITYSCAPES, 9400 frames of 1280x760 (DAFormer recipe: kept at 1280x760, 512 crops)."""
 
+    READ_DEFAULTS: ClassVar[dict[str, Any]] = {"resize": (1280, 760), "crop_size": 512}
+
     def __init__(
         self,
         root: str | Path,
         with_labels: bool = True,
-        resize: Sequence[int] | None = (1280, 760),
-        crop_size: int | Sequence[int] | None = 512,
-        hflip: bool = False,
-        cat_max_ratio: float = 1.0,
-        class_subset: Sequence[int] | None = None,
-        keep_ratio: bool = False,
-        native_label: bool = False,
-        pad_crop: bool = False,
-        pseudo_margins: Sequence[int] | None = None,
+        **options: Any,
     ) -> None:
         root = Path(root)
         images = sorted_glob(
@@ -88,21 +82,7 @@ class SYNTHIA(PairedSegDataset):
             converted = (gt / f"{images[0].stem}_labelTrainIds.png").is_file()
             suffix, mapping = ("_labelTrainIds.png", None) if converted else (".png", mapping)
             pairs = _pairs_by_stem(images, lambda p: gt / f"{p.stem}{suffix}", True, "SYNTHIA")
-        super().__init__(
-            pairs,
-            19,
-            mapping,
-            resize,
-            crop_size,
-            hflip,
-            "SYNTHIA",
-            cat_max_ratio,
-            class_subset,
-            keep_ratio=keep_ratio,
-            native_label=native_label,
-            pad_crop=pad_crop,
-            pseudo_margins=pseudo_margins,
-        )
+        self.read_files(pairs, 19, mapping, "SYNTHIA", options)
 
     def read_ids(self, path: Path) -> torch.Tensor:
         return read_png_first_channel(path)
