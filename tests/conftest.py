@@ -15,8 +15,14 @@ from omegaconf import DictConfig, open_dict
 
 from mic_uda.utils.hydra_utils import CONFIG_DIR, register_resolvers
 
-# an explicit OMP_NUM_THREADS wins (2 threads on a CPU busy with other work can be 20x slower)
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))
+# an explicit OMP_NUM_THREADS wins (2 threads on a CPU busy with other work can be 20x slower); under
+# pytest-xdist (``-n auto`` in pyproject) the cores are shared by the workers, and the processes a test
+# starts (DDP ranks, the CLI, the notebook kernel) inherit the worker's share
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+_THREADS = int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+if "PYTEST_XDIST_WORKER" in os.environ:  # not in xdist's controller: its workers would inherit it
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+torch.set_num_threads(_THREADS)
 register_resolvers()
 
 # A run small enough for a 2-core CPU in seconds: 32 px scenes, tiny head, 3 steps.
