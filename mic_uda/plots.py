@@ -358,7 +358,9 @@ def draw_learning_curves(curves: LearningCurves, stem: Path) -> list[Path]:
     for ax, net in zip(axes[0], names, strict=True):
         for c in curves.panels[net]:
             colour = curves.colours.get(c.method)
-            ax.plot(c.steps, c.mean, color=colour, label=f"{c.method} ({c.seeds} seed{'s' * (c.seeds != 1)})")
+            label = f"{c.method} ({c.seeds} seed{'s' * (c.seeds != 1)})"
+            marker = "o" if len(c.steps) <= 20 else None  # sparse validation: show where it was measured
+            ax.plot(c.steps, c.mean, color=colour, label=label, marker=marker, markersize=4)
             if c.seeds > 1:
                 ax.fill_between(c.steps, c.low, c.high, color=colour, alpha=0.2, linewidth=0)
         ax.set_title(f"{net}")
