@@ -110,6 +110,7 @@ def single_device_tester(cfg: DictConfig) -> L.Trainer:
 @task_wrapper
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train on source (+ unlabelled target), then evaluate on the target split; returns metrics."""
+    started = time.monotonic()
     validate_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     with open_dict(cfg):
@@ -176,18 +177,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 else f"test/recalibrated/{model.primary_metric}",
                 "handover": handed_over,
                 "max_steps": cfg.trainer.max_steps,
-                "wall_s": run_wall_seconds(Path(cfg.paths.output_dir)),
+                # this call's wall time (a resumed run: its last part), kept when the folder is copied
+                "wall_s": time.monotonic() - started,
             },
         )
     return metrics
-
-
-def run_wall_seconds(run_dir: Path) -> float:
-    """Seconds since the run folder's ``.hydra/config.yaml`` was written (its first start; a resumed
-    run counts the pause too). Stored in metrics.json so that a copied result folder, whose file times
-    are lost, keeps its wall time."""
-    cfg = run_dir / ".hydra" / "config.yaml"
-    return time.time() - cfg.stat().st_mtime if cfg.is_file() else float("nan")
 
 
 def hand_over(

@@ -11,7 +11,8 @@ repeated) picks keys explicitly, e.g. ``--metric test/teacher/mIoU`` or the Optu
 ``--metric train/loss_sup_avg``. One row per (task, data, method, other overrides, metric): runs that
 differ only in ``seed`` are averaged, runs whose command-line overrides differ in anything else (an
 Optuna trial's sampled values, ``method.mic.ratio=0.5,0.7``) get their own row with an ``overrides``
-column. The wall time of a run is the time from its ``.hydra/config.yaml`` to its ``metrics.json``.
+column. The wall time of a run is the ``wall_s`` its ``metrics.json`` records (the training call's wall
+time; older files: the time from its ``.hydra/config.yaml`` to its ``metrics.json``).
 
 ``--per-class MD`` writes the per-class IoU / accuracy / AP50 of each method, mean ± std over seeds, as
 a Markdown table (one per task and dataset; the numbers of the per-class bars below).

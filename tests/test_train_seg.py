@@ -26,7 +26,7 @@ def test_train_then_evaluate(method: str, make_cfg, tmp_path: Path) -> None:
     assert ckpt.is_file()
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["method"] == method and summary["metrics"]["test/mIoU"] == metrics["test/mIoU"]
-    # wall time since the run folder's config was written: kept when the folder is copied
+    # the run's wall time, kept in the file when the folder is copied
     assert 0.0 < summary["wall_s"] < 600.0
     assert (out / "csv" / "metrics.csv").is_file()
 
