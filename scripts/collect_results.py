@@ -64,10 +64,9 @@ def load_runs(roots: list[Path]) -> list[dict]:
             summary = json.loads(path.read_text())
             if "metrics" not in summary:
                 continue  # not a training run's summary
-            cfg = path.parent / ".hydra" / "config.yaml"
             if "wall_s" not in summary:  # metrics.json written before it recorded its wall time
-                nan = float("nan")
-                summary["wall_s"] = path.stat().st_mtime - cfg.stat().st_mtime if cfg.is_file() else nan
+                cfg = path.parent / ".hydra" / "config.yaml"
+                summary["wall_s"] = path.stat().st_mtime - cfg.stat().st_mtime if cfg.is_file() else math.nan
             summary["dir"] = str(path.parent)
             summary["overrides"] = variant(path.parent)
             runs.append(summary)

@@ -8,6 +8,7 @@ the data on disk is an error that names the path and the expected layout.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -101,21 +102,6 @@ def subset_lut(class_subset: Sequence[int] | None, num_classes: int) -> torch.Te
     lut = torch.full((IGNORE + 1,), IGNORE, dtype=torch.long)
     lut[torch.tensor(kept, dtype=torch.long)] = torch.arange(len(kept))
     return lut
-
-
-#: the options every file dataset passes through to :class:`PairedSegDataset` (its keyword arguments)
-READ_OPTIONS = (
-    "resize",
-    "crop_size",
-    "hflip",
-    "cat_max_ratio",
-    "class_subset",
-    "keep_ratio",
-    "native_label",
-    "pad_crop",
-    "pad_value",
-    "pseudo_margins",
-)
 
 
 class PairedSegDataset(Dataset):
@@ -422,6 +408,15 @@ class PairedSegDataset(Dataset):
         image, label = self.load(i)
         top, left = self.draw_crop(image, label) if self.crop_hw is not None else (0, 0)
         return {**self.finish(image, label, top, left), "index": i}
+
+
+#: the options every file dataset passes through to :class:`PairedSegDataset`: its arguments other than
+#: what the dataset itself finds (read from its signature, so the two cannot drift apart)
+READ_OPTIONS = tuple(
+    k
+    for k in inspect.signature(PairedSegDataset.__init__).parameters
+    if k not in ("self", "pairs", "num_classes", "label_mapping", "name")
+)
 
 
 def shared_flags(n: int) -> torch.Tensor:
