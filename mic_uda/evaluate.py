@@ -3,6 +3,7 @@
 The model is rebuilt from the checkpoint alone (its hyper-parameters carry the network and method
 config); the data group picks the split. Prints per-class IoU; optional colourised PNGs;
 ``export=cityscapes|trainid`` writes the benchmark servers' PNGs (mic_uda/export.py).
+``hrda_scale=lr|hr`` scores an HRDA checkpoint with one branch alone.
 ``bn_stats=target`` first re-estimates the BatchNorm running statistics of the student (and of a
 ``running`` teacher) on the unlabelled target training images (AdaBN), never reading a target label.
 """
@@ -22,6 +23,7 @@ from omegaconf import DictConfig
 from mic_uda.callbacks import SegPredictionWriter
 from mic_uda.export import BenchmarkExport
 from mic_uda.handover import adapt_bn_to_target
+from mic_uda.models.hrda import INFERENCE_SCALES, HRDANet
 from mic_uda.utils.checkpointing import check_checkpoint_fits
 from mic_uda.utils.hydra_utils import CONFIG_DIR, as_float_dict, register_resolvers, task_wrapper, write_json
 
@@ -44,6 +46,19 @@ def load_module(ckpt_path: str | Path) -> L.LightningModule:
     return get_class(target).load_from_checkpoint(path, map_location="cpu")
 
 
+def set_hrda_scale(model: L.LightningModule, scale: str, ckpt_path: str) -> None:
+    """Score an HRDA checkpoint with one branch alone (``HRDANet.set_inference_scale``)."""
+    if scale not in INFERENCE_SCALES:
+        raise ValueError(f"hrda_scale={scale!r} is not one of {list(INFERENCE_SCALES)}")
+    if scale == "fused":
+        return
+    nets = [n for n in (getattr(model, "student", None), getattr(model, "teacher", None)) if n is not None]
+    if not all(isinstance(n, HRDANet) for n in nets):
+        raise ValueError(f"hrda_scale={scale!r}: {ckpt_path} is no HRDA checkpoint (expected fused)")
+    for net in nets:
+        net.set_inference_scale(scale)
+
+
 @task_wrapper
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
@@ -62,6 +77,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"bn_stats={cfg.bn_stats!r} is not one of {list(BN_STATS)}")
     if cfg.bn_stats == "target":
         adapt_bn_to_target(model, datamodule, seed=cfg.seed)
+    set_hrda_scale(model, cfg.get("hrda_scale", "fused"), cfg.ckpt_path)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
     export = BenchmarkExport.from_config(cfg, model, datamodule)  # None unless export=... (checked now)
     metrics: dict[str, float] = {}

@@ -4,6 +4,8 @@ reads the LR context, pseudo-label margins weight every target term)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import lightning as L
 import pytest
 import torch
@@ -163,6 +165,68 @@ def test_forward_is_the_fused_lr_plus_sliding_hr_prediction() -> None:
         one_window = HRDANet(4, {**BASE, "dropout": 0.0}, hr_crop_size=(64, 64), attention_embed_dim=16)
         one_window.load_state_dict(single.state_dict())
         assert torch.allclose(one_window.eval()(x), single(x), atol=1e-6)
+
+
+def test_scale_ablation_scores_one_branch_alone() -> None:
+    """``hrda_scale=lr|hr`` (mic_uda.evaluate): attention 0 gives the context's upsampled logits,
+    attention 1 the sliding HR windows' logits, everywhere; ``fused`` is the model as trained."""
+    net = _net().eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        fused = net(x)
+        lr = net.base.decode(net.base.forward_features(F.interpolate(x, scale_factor=0.5, mode="bilinear")))
+        hr = net.hr_slide_logits(x)
+        net.set_inference_scale("lr")
+        up_lr = F.interpolate(
+            F.interpolate(lr, scale_factor=2.0, mode="bilinear"), size=(64, 64), mode="bilinear"
+        )
+        assert torch.allclose(net(x), up_lr, atol=1e-5)
+        net.set_inference_scale("hr")
+        assert torch.allclose(net(x), F.interpolate(hr, size=(64, 64), mode="bilinear"), atol=1e-5)
+        net.set_inference_scale("fused")
+        assert torch.equal(net(x), fused)
+    assert not torch.allclose(up_lr, fused, atol=1e-3)  # the branches differ, so the test can tell
+    with pytest.raises(ValueError, match=r"hrda_scale='both' is not one of \['fused', 'lr', 'hr'\]"):
+        net.set_inference_scale("both")
+
+
+EVAL_TINY = [
+    "data.size=64",
+    "data.datamodule.val.num_images=4",
+    "data.datamodule.val_batch_size=4",
+    "trainer=cpu",
+    "+trainer.enable_progress_bar=false",
+]
+
+
+def test_evaluate_hrda_scale_through_the_entry_point(make_cfg, tmp_path) -> None:
+    """``python -m mic_uda.evaluate ckpt_path=<HRDA run> hrda_scale=lr``: the LR branch's mIoU is what
+    the checkpoint's student gives with attention 0; a non-HRDA checkpoint is refused in one line."""
+    from mic_uda.evaluate import evaluate, load_module, set_hrda_scale
+    from mic_uda.train import train
+
+    short = ["trainer.max_steps=2", "trainer.val_check_interval=2", "method=source_only"]
+    train(make_cfg([*TINY_HRDA, *short], out=tmp_path / "hrda"))
+    ckpt = tmp_path / "hrda" / "checkpoints" / "last.ckpt"
+    evals, cfgs = {}, {}
+    for scale in ("fused", "lr"):
+        cfgs[scale] = make_cfg(
+            [f"ckpt_path={ckpt}", *EVAL_TINY, f"hrda_scale={scale}"],
+            config_name="eval",
+            out=tmp_path / f"eval_{scale}",
+        )
+        evals[scale] = evaluate(cfgs[scale])["test/student/mIoU"]
+    module = load_module(ckpt).eval()
+    module.student.set_inference_scale("lr")
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    trainer.test(module, datamodule=instantiate(cfgs["lr"].data.datamodule, _recursive_=False), verbose=False)
+    assert evals["lr"] == pytest.approx(float(trainer.callback_metrics["test/student/mIoU"]), abs=1e-6)
+    assert evals["lr"] != evals["fused"]
+    plain = SimpleNamespace(student=torch.nn.Conv2d(3, 4, 1), teacher=None)  # e.g. a DAFormer module
+    with pytest.raises(ValueError, match=r"hrda_scale='hr': run/last\.ckpt is no HRDA checkpoint"):
+        set_hrda_scale(plain, "hr", "run/last.ckpt")
+    with pytest.raises(ValueError, match=r"hrda_scale='both' is not one of"):
+        set_hrda_scale(module, "both", str(ckpt))
 
 
 def test_batched_and_unbatched_outer_windows_agree() -> None:

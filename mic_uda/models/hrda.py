@@ -38,6 +38,9 @@ from mic_uda.uda.losses import weighted_cross_entropy
 Box = tuple[int, int, int, int]  # (y1, y2, x1, x2), end-exclusive
 
 
+INFERENCE_SCALES = ("fused", "lr", "hr")
+
+
 def draw_crop_box(
     height: int, width: int, crop: Sequence[int], divisible: int, generator: torch.Generator | None = None
 ) -> Box:
@@ -187,6 +190,15 @@ class HRDANet(SegNetwork):
         self.test_crop_size = None if test_crop_size is None else tuple(int(v) for v in test_crop_size)
         self.test_stride = None if test_stride is None else tuple(int(v) for v in test_stride)
         self.batched_slide = bool(batched_slide)
+        self.inference_scale = "fused"
+
+    def set_inference_scale(self, scale: str) -> None:
+        """Evaluate with the fused prediction (``fused``) or one branch alone: ``lr`` (attention 0: the
+        context only) or ``hr`` (attention 1: the sliding HR windows only): which scale does the work
+        (the HRDA paper's LR-only / HR-only comparison); set by ``mic_uda.evaluate hrda_scale=...``."""
+        if scale not in INFERENCE_SCALES:
+            raise ValueError(f"hrda_scale={scale!r} is not one of {list(INFERENCE_SCALES)}")
+        self.inference_scale = scale
 
     # ----------------------------------------------------------------- the seam's other members
     @property
@@ -245,7 +257,10 @@ class HRDANet(SegNetwork):
             hr_logits = self.hr_slide_logits(x)
         else:
             hr_logits = self.base.decode(self.base.forward_features(x))
-        fused = fuse_scales(lr_logits, hr_logits, self._attention(lr_features), 1 / self.lr_scale)
+        attention = {"lr": 0.0, "hr": 1.0}.get(self.inference_scale)  # None: fused (the default)
+        if attention is None:
+            attention = self._attention(lr_features)
+        fused = fuse_scales(lr_logits, hr_logits, attention, 1 / self.lr_scale)
         fused = F.interpolate(fused, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return fused, list(lr_features)
 
