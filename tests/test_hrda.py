@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from mic_uda.models.hrda import (
     HRDANet,
@@ -382,3 +383,26 @@ def test_hrda_presets_compose_to_the_official_configuration(make_cfg, preset) ->
         assert m.mic.block_size == 64 and m.mic.ratio == 0.7
     assert cfg.seed == seed and cfg.trainer.max_steps == 40000 and cfg.trainer.val_check_interval == 4000
     assert cfg.trainer.precision == "32-true" and cfg.handover == "student"
+
+
+def test_camvid_daformer_scale_preset_is_the_run_the_readme_reports(make_cfg) -> None:
+    """The README's HRDA-around-DAFormer row ran as overrides of the 0.5-context preset; the named preset
+    must compose to exactly that config, with the context at the DAFormer rows' input scale."""
+    named = make_cfg(["experiment=camvid_day2dusk_hrda_mic_daformer_scale"], tiny=False)
+    overrides = make_cfg(
+        [
+            "experiment=camvid_day2dusk_hrda_mic",
+            "backbone.scales=[0.6666667,1.0]",
+            "backbone.crop_divisible=24",
+            "data.crop_size=288",
+            "backbone.hr_crop_size=[144,144]",
+        ],
+        tiny=False,
+    )
+    assert OmegaConf.to_container(named) == OmegaConf.to_container(overrides)
+    daformer = make_cfg(["experiment=camvid_day2dusk_mic"], tiny=False)
+    b, d = named.backbone, named.data
+    context_px = round(d.crop_size * b.scales[0])
+    assert context_px == daformer.data.crop_size == 192 and list(b.hr_crop_size) == [144, 144]
+    assert b.scales[0] == pytest.approx(daformer.data.resize[0] / 480, abs=1e-6)  # 320 of the 480 px frame
+    assert b.crop_divisible * b.scales[0] == pytest.approx(16)  # HR offsets land on whole LR pixels
